@@ -1,0 +1,1 @@
+"""Built-in fetcher plugins, registered under the `substituter.fetchers` entry-point group."""
