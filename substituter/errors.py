@@ -19,6 +19,7 @@
     │   ├── NotAvailable                  the source does not have it (permanent for this source)
     │   └── TransientFetchError           worth retrying (5xx, reset, stall)
     ├── ProtocolError                     a peer spoke a protocol wrongly (dataspace, worker protocol)
+    │   └── SchemaError                   a .prs protocol schema that does not translate (names the line)
     └── StoreError                        a Nix store refused or failed an operation
 
 Callers catch at the level they need; every error says what was wrong in its message.
@@ -47,6 +48,7 @@ __all__ = [
     "NotAvailable",
     "TransientFetchError",
     "ProtocolError",
+    "SchemaError",
     "StoreError",
 ]
 
@@ -133,6 +135,10 @@ class TransientFetchError(FetchError):
 
 class ProtocolError(SubstituterError):
     pass
+
+
+class SchemaError(ProtocolError):
+    """Preserves Schema source (.prs) that cannot be translated; names the line and definition."""
 
 
 class StoreError(SubstituterError):
