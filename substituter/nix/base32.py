@@ -1,0 +1,52 @@
+"""Nix's base32 ("nix32"): the encoding of store path hash parts and narinfo hashes.
+
+It is not RFC 4648: the alphabet omits e, o, u and t, and the text is the little-endian
+bit string of the bytes written most significant digit first.
+"""
+
+from __future__ import annotations
+
+from ..errors import Base32Error
+
+__all__ = ["ALPHABET", "encode", "decode", "encoded_length", "decoded_length"]
+
+ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
+_DIGIT_VALUE = {char: value for value, char in enumerate(ALPHABET)}
+
+
+def encoded_length(nbytes: int) -> int:
+    """Number of nix32 characters that encode ``nbytes`` bytes (ceil(8n / 5))."""
+    if nbytes < 0:
+        raise ValueError(f"byte count must not be negative, got {nbytes}")
+    return (8 * nbytes + 4) // 5
+
+
+def decoded_length(nchars: int) -> int:
+    """Number of bytes encoded by ``nchars`` characters; Base32Error if no byte count has that length."""
+    nbytes = nchars * 5 // 8
+    if encoded_length(nbytes) != nchars:
+        raise Base32Error(f"{nchars} characters is not the length of any nix32 encoding")
+    return nbytes
+
+
+def encode(data: bytes) -> str:
+    """Encode bytes as nix32 text."""
+    # Treat the bytes as one little-endian integer; digit k holds bits 5k .. 5k+4.
+    value = int.from_bytes(data, "little")
+    return "".join(
+        ALPHABET[(value >> (5 * k)) & 31] for k in range(encoded_length(len(data)) - 1, -1, -1)
+    )
+
+
+def decode(text: str) -> bytes:
+    """Decode nix32 text strictly: known alphabet, a valid length, no bits beyond the size."""
+    nbytes = decoded_length(len(text))
+    value = 0
+    for position, char in enumerate(text):
+        digit = _DIGIT_VALUE.get(char)
+        if digit is None:
+            raise Base32Error(f"invalid nix32 character {char!r} at position {position} in {text!r}")
+        value = (value << 5) | digit
+    if value >> (8 * nbytes):
+        raise Base32Error(f"nix32 text {text!r} has bits set beyond its {nbytes}-byte size")
+    return value.to_bytes(nbytes, "little")
