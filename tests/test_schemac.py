@@ -102,7 +102,10 @@ def _definitions(text: str) -> dict[str, str]:
         ("A = [bytes ...] .", "<seqof <atom ByteString>>"),
         ("A = {string: any ...:...} .", "<dictof <atom String> any>"),
         ("A = [int @s string] .", "<tuple [<atom SignedInteger> <named s <atom String>>]>"),
-        ("A = [=a @rest int ...] .", "<tuplePrefix [<lit a>] <named rest <seqof <atom SignedInteger>>>>"),
+        (
+            "A = [=a @rest int ...] .",
+            "<tuplePrefix [<lit a>] <named rest <seqof <atom SignedInteger>>>>",
+        ),
         ("A = <a> .", "<rec <lit a> <tuple []>>"),
         (
             "A = <<rec> @l symbol @f [any ...]> .",

@@ -196,7 +196,9 @@ def _version(clause: list[Value]) -> int:
 
 def _embedded_type(clause: list[Value]) -> Value:
     if len(clause) != 2:
-        raise _Invalid(f"expected `embeddedType Module.Name` or `embeddedType #f`, got `{_show(clause)}`")
+        raise _Invalid(
+            f"expected `embeddedType Module.Name` or `embeddedType #f`, got `{_show(clause)}`"
+        )
     target = _item(clause[1])
     if target is False:
         return False
@@ -431,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     """``schemac FILE.prs...``: write the canonical binary bundle of the modules to stdout."""
     paths = [Path(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     if not paths:
-        print("usage: python -m substituter.protocol.schemac FILE.prs... > bundle.prb", file=sys.stderr)
+        usage = "usage: python -m substituter.protocol.schemac FILE.prs... > bundle.prb"
+        print(usage, file=sys.stderr)
         return 2
     try:
         value = bundle({p.stem: p.read_text(encoding="utf-8") for p in paths})
