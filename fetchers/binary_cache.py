@@ -1,0 +1,375 @@
+"""The ``binary-cache`` fetcher: an HTTP(S) Nix binary cache such as https://cache.nixos.org.
+
+It speaks the protocol Nix itself uses: ``GET /nix-cache-info`` once, ``GET /<hash>.narinfo`` per
+path, and the NAR file named by the narinfo's ``URL``.  A cache that cannot be reached does not stop
+the daemon from starting: the fetcher marks it down, answers quickly that it is unreachable, and
+probes it again with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from substituter.errors import (
+    ConfigError,
+    FetchError,
+    NarInfoError,
+    PluginError,
+    StorePathError,
+    TransientFetchError,
+)
+from substituter.nix.narinfo import NarInfo
+from substituter.nix.store_path import validate_hash_part
+from substituter.plugin import Answer, Fetcher, FetcherContext, Offer, Unavailable
+
+from ._http import (
+    BearerAuth,
+    MultiAuth,
+    RetryPolicy,
+    is_missing_status,
+    is_transient_status,
+    retry_after_seconds,
+    stream_url,
+)
+
+__all__ = ["BinaryCacheFetcher", "BinaryCacheOptions", "CacheInfo", "parse_cache_info"]
+
+log = logging.getLogger("fetchers.binary_cache")
+
+#: Metadata (nix-cache-info, narinfo) larger than this is not a narinfo: refuse to buffer it.
+MAX_METADATA_BYTES = 1 << 20
+#: Re-probing a down cache starts after this many seconds and doubles up to the maximum.
+PROBE_BACKOFF_START = 1.0
+PROBE_BACKOFF_MAX = 60.0
+
+
+@dataclass(frozen=True)
+class BinaryCacheOptions:
+    url: str = field(metadata={"help": "base URL of the cache (http or https)"})
+    connect_timeout: float = field(
+        default=3.0, metadata={"help": "seconds to wait for a TCP/TLS connection"}
+    )
+    stall_timeout: float = field(
+        default=30.0, metadata={"help": "seconds without a byte before a transfer counts as stalled"}
+    )
+    retries: int = field(
+        default=3, metadata={"help": "extra tries for a narinfo after 5xx/408/429/connection errors"}
+    )
+    netrc_file: Path | None = field(
+        default=None,
+        metadata={"help": "netrc file with credentials (default: $NETRC, else ~/.netrc, if present)"},
+    )
+    bearer_token_file: Path | None = field(
+        default=None,
+        metadata={"help": "file holding a token sent as 'Authorization: Bearer' to this cache only"},
+    )
+    http2: bool = field(default=True, metadata={"help": "use HTTP/2 where the server offers it"})
+    max_connections: int = field(
+        default=32, metadata={"help": "most simultaneous connections to this cache"}
+    )
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"option 'url' must be an http:// or https:// URL, got {self.url!r}")
+        for name in ("connect_timeout", "stall_timeout"):
+            if not getattr(self, name) > 0:
+                option = name.replace("_", "-")
+                raise ValueError(f"option {option!r} must be a positive number of seconds")
+        if self.retries < 0:
+            raise ValueError(f"option 'retries' must be 0 or more, got {self.retries}")
+        if self.max_connections < 1:
+            raise ValueError(f"option 'max-connections' must be 1 or more, got {self.max_connections}")
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """The fields of ``nix-cache-info`` that matter to a substituter."""
+
+    store_dir: str | None
+    priority: int | None = None
+    want_mass_query: bool = False
+
+
+def parse_cache_info(text: str) -> CacheInfo:
+    """Parse ``nix-cache-info`` (``Key: value`` lines); unknown keys are ignored, as Nix does."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            values[key.strip()] = value.strip()
+    priority: int | None = None
+    if "Priority" in values:
+        try:
+            priority = int(values["Priority"])
+        except ValueError:
+            log.warning("nix-cache-info: ignoring non-integer Priority %r", values["Priority"])
+    return CacheInfo(
+        store_dir=values.get("StoreDir"),
+        priority=priority,
+        want_mass_query=values.get("WantMassQuery") == "1",
+    )
+
+
+def check_store_dir(info: CacheInfo, expected: str, where: str) -> None:
+    """A cache for another store dir holds paths we cannot use: that is a configuration error."""
+    if info.store_dir is not None and info.store_dir.rstrip("/") != expected.rstrip("/"):
+        raise ConfigError(
+            f"{where} is a cache for store dir {info.store_dir!r}, but this store is {expected!r}"
+        )
+
+
+def default_netrc() -> Path | None:
+    """The netrc file curl and Nix would read: ``$NETRC``, else ``~/.netrc``, when it exists."""
+    env = os.environ.get("NETRC")
+    candidate = Path(env) if env else Path.home() / ".netrc"
+    return candidate if candidate.is_file() else None
+
+
+class BinaryCacheFetcher(Fetcher):
+    """Fetch paths from one HTTP(S) Nix binary cache."""
+
+    kind = "binary-cache"
+    Options = BinaryCacheOptions
+    schemes = ("http", "https")
+
+    options: BinaryCacheOptions
+
+    def __init__(
+        self,
+        name: str,
+        options: BinaryCacheOptions,
+        context: FetcherContext | None = None,
+        priority: int | None = None,
+    ) -> None:
+        super().__init__(name, options, context, priority)
+        self.base_url = options.url.rstrip("/") + "/"
+        self.retry = RetryPolicy(retries=options.retries)
+        #: The cache's own ``Priority`` from nix-cache-info (lower first), once known.
+        self.cache_priority: int | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._clock: Callable[[], float] = time.monotonic
+        self._down_reason: str | None = None
+        self._next_probe = 0.0
+        self._probe_backoff = PROBE_BACKOFF_START
+        self._latency_ms: float | None = None
+
+    def describe(self) -> str:
+        return self.options.url
+
+    @property
+    def is_up(self) -> bool:
+        return self._down_reason is None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        opts = self.options
+        self._client = httpx.AsyncClient(
+            http2=opts.http2,
+            auth=self._auth(),
+            timeout=httpx.Timeout(opts.stall_timeout, connect=opts.connect_timeout),
+            limits=httpx.Limits(
+                max_connections=opts.max_connections, max_keepalive_connections=opts.max_connections
+            ),
+            follow_redirects=True,
+        )
+        await self._probe()
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def _auth(self) -> httpx.Auth | None:
+        opts = self.options
+        auths: list[httpx.Auth] = []
+        netrc_file = opts.netrc_file or default_netrc()
+        if opts.netrc_file is not None and not opts.netrc_file.is_file():
+            raise ConfigError(f"{self.name}: option 'netrc-file': {opts.netrc_file} does not exist")
+        if netrc_file is not None:
+            try:
+                auths.append(httpx.NetRCAuth(str(netrc_file)))
+            except Exception as exc:  # netrc.NetrcParseError, OSError
+                raise ConfigError(f"{self.name}: option 'netrc-file': {netrc_file}: {exc}") from exc
+        if opts.bearer_token_file is not None:
+            auths.append(BearerAuth(self._read_token(opts.bearer_token_file), self.base_url))
+        if not auths:
+            return None
+        return auths[0] if len(auths) == 1 else MultiAuth(*auths)
+
+    def _read_token(self, path: Path) -> str:
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"{self.name}: option 'bearer-token-file': cannot read {path}: {exc.strerror}"
+            ) from exc
+        if not token:
+            raise ConfigError(f"{self.name}: option 'bearer-token-file': {path} is empty")
+        return token
+
+    # --- health -------------------------------------------------------------------------------
+
+    async def _probe(self) -> None:
+        """Read nix-cache-info once; a StoreDir mismatch is fatal, unreachability is not."""
+        url = self.base_url + "nix-cache-info"
+        try:
+            status, body = await self._get_small(url)
+        except FetchError as exc:
+            self._mark_down(str(exc))
+            return
+        if is_transient_status(status):
+            self._mark_down(f"{url}: HTTP {status}")
+            return
+        if status in (401, 403, 407):
+            raise ConfigError(
+                f"{self.name}: {url} refused us (HTTP {status}); check the credentials in "
+                "option 'netrc-file' or 'bearer-token-file'"
+            )
+        if status != 200:
+            raise ConfigError(
+                f"{self.name}: {url} answered HTTP {status}; is {self.options.url} a Nix binary cache?"
+            )
+        info = parse_cache_info(body.decode("utf-8", errors="replace"))
+        check_store_dir(info, self.context.store_dir, f"{self.name} ({self.options.url})")
+        self.cache_priority = info.priority
+        if self._down_reason is not None:
+            log.info("%s: cache %s is reachable again", self.name, self.options.url)
+        self._down_reason = None
+        self._probe_backoff = PROBE_BACKOFF_START
+
+    def _mark_down(self, reason: str) -> None:
+        if self._down_reason is None:
+            log.warning("%s: cache %s unreachable: %s", self.name, self.options.url, reason)
+        self._down_reason = reason
+        jitter = random.uniform(0.5, 1.0)
+        self._next_probe = self._clock() + self._probe_backoff * jitter
+        self._probe_backoff = min(PROBE_BACKOFF_MAX, self._probe_backoff * 2)
+
+    async def _ensure_up(self) -> bool:
+        if self._down_reason is not None and self._clock() >= self._next_probe:
+            try:
+                await self._probe()
+            except ConfigError as exc:
+                # The cache came back as something we cannot use: keep it down, say why.
+                self._mark_down(str(exc))
+        return self._down_reason is None
+
+    # --- locate -------------------------------------------------------------------------------
+
+    async def locate(self, hash_part: str) -> Answer:
+        try:
+            validate_hash_part(hash_part)
+        except StorePathError as exc:
+            return Unavailable(str(exc))
+        if not await self._ensure_up():
+            return Unavailable(f"cache unreachable: {self._down_reason}")
+        url = f"{self.base_url}{hash_part}.narinfo"
+        try:
+            status, body = await self._get_retrying(url)
+        except TransientFetchError as exc:
+            if isinstance(exc.__cause__, httpx.ConnectError | httpx.ConnectTimeout):
+                self._mark_down(str(exc))
+            return Unavailable(str(exc))
+        except FetchError as exc:
+            return Unavailable(str(exc))
+        if is_missing_status(status):
+            return Unavailable(f"not in {self.options.url} (HTTP {status})")
+        if status != 200:
+            return Unavailable(f"{url}: unexpected HTTP {status}")
+        return self._offer(hash_part, url, body)
+
+    def _offer(self, hash_part: str, url: str, body: bytes) -> Answer:
+        try:
+            info = NarInfo.parse(body)
+        except NarInfoError as exc:
+            log.warning("%s: %s does not parse: %s", self.name, url, exc)
+            return Unavailable(f"{url}: bad narinfo: {exc}")
+        if info.hash_part != hash_part:
+            log.warning("%s: %s describes %s", self.name, url, info.store_path)
+            return Unavailable(f"{url}: narinfo is for {info.store_path}, not {hash_part}")
+        return Offer(
+            info=info,
+            uri=urljoin(self.base_url, info.url),
+            compression=info.compression,
+            file_size=info.file_size,
+            file_hash=None if info.file_hash is None else str(info.file_hash),
+            cost=round(self._latency_ms or 0),
+        )
+
+    async def _get_retrying(self, url: str) -> tuple[int, bytes]:
+        """GET a small resource, retrying transient failures with backoff (honours Retry-After)."""
+        last: TransientFetchError | None = None
+        for attempt in range(1, self.retry.tries + 1):
+            retry_after: float | None = None
+            started = self._clock()
+            try:
+                status, body, retry_after = await self._get_small_with_headers(url)
+            except TransientFetchError as exc:
+                last = exc
+            else:
+                if not is_transient_status(status):
+                    self._record_latency((self._clock() - started) * 1000)
+                    return status, body
+                last = TransientFetchError(f"{url}: HTTP {status}")
+            if attempt < self.retry.tries:
+                await self.retry.sleep(self.retry.delay(attempt, retry_after))
+        assert last is not None
+        raise TransientFetchError(
+            f"gave up after {self.retry.tries} tries: {last}"
+        ) from (last.__cause__ or last)
+
+    def _record_latency(self, ms: float) -> None:
+        # A moving average, so one slow answer does not reorder every offer.
+        self._latency_ms = ms if self._latency_ms is None else 0.8 * self._latency_ms + 0.2 * ms
+
+    async def _get_small(self, url: str) -> tuple[int, bytes]:
+        status, body, _ = await self._get_small_with_headers(url)
+        return status, body
+
+    async def _get_small_with_headers(self, url: str) -> tuple[int, bytes, float | None]:
+        """GET a metadata file, refusing to buffer more than MAX_METADATA_BYTES."""
+        client = self._require_client()
+        try:
+            async with client.stream("GET", url) as response:
+                body = bytearray()
+                if response.status_code == 200:
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > MAX_METADATA_BYTES:
+                            raise FetchError(f"{url}: more than {MAX_METADATA_BYTES} bytes")
+                return response.status_code, bytes(body), retry_after_seconds(response)
+        except httpx.HTTPError as exc:
+            if isinstance(exc, httpx.TransportError):
+                raise TransientFetchError(f"{url}: {type(exc).__name__}: {exc}") from exc
+            raise FetchError(f"{url}: {exc}") from exc
+
+    def _require_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise PluginError(f"{self.name}: used before start() or after stop()")
+        return self._client
+
+    # --- open ---------------------------------------------------------------------------------
+
+    async def open(self, offer: Offer, offset: int = 0) -> AsyncIterator[bytes]:
+        """Stream the offered file from ``offset``; works for any http(s) URI, not only ours."""
+        scheme = urlsplit(offer.uri).scheme
+        if scheme not in self.schemes:
+            raise FetchError(f"{self.name}: cannot open {offer.uri!r}: not an http(s) URI")
+        if offer.file_size is not None and offset >= offer.file_size:
+            if offset > offer.file_size:
+                raise FetchError(f"{offer.uri}: offset {offset} beyond size {offer.file_size}")
+            return
+        client = self._require_client()
+        async for chunk in stream_url(client, offer.uri, offset, self.options.stall_timeout):
+            yield chunk
