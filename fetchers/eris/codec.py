@@ -20,7 +20,7 @@ import binascii
 import hashlib
 from collections import deque
 from contextlib import aclosing
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -433,7 +433,11 @@ def _discard(task: asyncio.Future[bytes]) -> None:
 
 
 class _Walker:
-    """Walks the tree left to right, yielding leaves and fetching internal nodes ahead."""
+    """Walks the tree left to right, fetching internal nodes one sibling ahead per level.
+
+    It yields the leaves in batches (the children of one level-1 node), so a leaf costs
+    one generator step however deep the tree is.
+    """
 
     def __init__(self, tree: _Tree, get_block: GetBlock) -> None:
         self._tree = tree
@@ -448,24 +452,25 @@ class _Walker:
             raise self._tree.missing(node)
         return block
 
-    async def leaves(self) -> AsyncIterator[_Node]:
+    async def leaves(self) -> AsyncGenerator[list[_Node], None]:
         root = self._tree.root
         if root.level == 0:
-            yield root
+            yield [root]
             return
-        async with aclosing(self._walk(root, self.start(root))) as leaves:
-            async for leaf in leaves:
-                yield leaf
+        async with aclosing(self._walk(root, self.start(root))) as batches:
+            async for batch in batches:
+                yield batch
 
-    async def _walk(self, node: _Node, fetching: asyncio.Future[bytes]) -> AsyncIterator[_Node]:
+    async def _walk(
+        self, node: _Node, fetching: asyncio.Future[bytes]
+    ) -> AsyncGenerator[list[_Node], None]:
         try:
             block = await fetching
         finally:
             _discard(fetching)
         children = self._tree.children(node, self._tree.open(node, block))
         if node.level == 1:
-            for child in children:
-                yield child
+            yield children
             return
         # While one child's subtree is walked, its next sibling is already on its way.
         ahead: asyncio.Future[bytes] | None = self.start(children[0])
@@ -474,9 +479,9 @@ class _Walker:
                 current = ahead
                 assert current is not None
                 ahead = self.start(children[i + 1]) if i + 1 < len(children) else None
-                async with aclosing(self._walk(child, current)) as leaves:
-                    async for leaf in leaves:
-                        yield leaf
+                async with aclosing(self._walk(child, current)) as batches:
+                    async for batch in batches:
+                        yield batch
         finally:
             if ahead is not None:
                 _discard(ahead)
@@ -496,6 +501,7 @@ async def decode(
     that must hold more is refused before anything is fetched, and no more than `max_size`
     bytes are ever yielded. Errors: ErisError (malformed), HashMismatch (a block or key that
     does not verify), NotAvailable (a missing block), SizeMismatch (content beyond max_size).
+    Close the generator (``aclose``) to cancel outstanding fetches when stopping early.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -503,12 +509,13 @@ async def decode(
     walker = _Walker(tree, get_block)
     window: deque[tuple[_Node, asyncio.Future[bytes]]] = deque()
     try:
-        async with aclosing(walker.leaves()) as leaves:
-            async for leaf in leaves:
-                window.append((leaf, walker.start(leaf)))
-                if len(window) == concurrency:
-                    node, fetching = window.popleft()
-                    yield tree.leaf_content(node, tree.open(node, await fetching))
+        async with aclosing(walker.leaves()) as batches:
+            async for batch in batches:
+                for leaf in batch:
+                    window.append((leaf, walker.start(leaf)))
+                    if len(window) == concurrency:
+                        node, fetching = window.popleft()
+                        yield tree.leaf_content(node, tree.open(node, await fetching))
         while window:
             node, fetching = window.popleft()
             yield tree.leaf_content(node, tree.open(node, await fetching))
