@@ -1,0 +1,216 @@
+"""The daemon's local cache of verified NARs: zstd files named by NarHash, bounded by LRU.
+
+The cache never decides trust: callers commit only NARs they have verified.  A NAR becomes
+visible only by an atomic rename after ``commit()`` checked its size, so a crash or an abort
+leaves at most a ``.tmp-*`` file, removed at the next start.  Recency is kept in memory (seeded
+from file mtimes at start, refreshed by touching mtime on use), since atime is unreliable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+
+from .errors import SizeMismatch
+
+__all__ = ["NarCache", "CacheWriter", "CachedNar"]
+
+log = logging.getLogger("substituter.nar_cache")
+
+_NAR_HASH = re.compile(r"[0123456789abcdfghijklmnpqrsvwxyz]{52}")
+_ENTRY = re.compile(r"([0123456789abcdfghijklmnpqrsvwxyz]{52})-(\d+)\.nar\.zst")
+READ_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class CachedNar:
+    nar_hash: str
+    nar_size: int
+    file_size: int
+    path: Path
+
+
+class NarCache:
+    def __init__(self, directory: Path, max_size: int, *, level: int = 3) -> None:
+        self.directory = Path(directory)
+        self.max_size = max_size
+        self.level = level
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, CachedNar] = OrderedDict()  # least recently used first
+        self._total = 0
+        self._scan()
+
+    def _scan(self) -> None:
+        found = []
+        for path in self.directory.iterdir():
+            if path.name.startswith(".tmp-"):
+                path.unlink(missing_ok=True)  # an interrupted write
+                continue
+            m = _ENTRY.fullmatch(path.name)
+            if m is None:
+                continue
+            st = path.stat()
+            found.append((st.st_mtime, CachedNar(m.group(1), int(m.group(2)), st.st_size, path)))
+        for _mtime, entry in sorted(found, key=lambda item: item[0]):
+            self._entries[entry.nar_hash] = entry
+            self._total += entry.file_size
+
+    def total_size(self) -> int:
+        return self._total
+
+    def __contains__(self, nar_hash: object) -> bool:
+        return isinstance(nar_hash, str) and nar_hash in self._entries
+
+    def get(self, nar_hash: str) -> CachedNar | None:
+        if not _NAR_HASH.fullmatch(nar_hash):
+            return None
+        with self._lock:
+            entry = self._entries.get(nar_hash)
+            if entry is None:
+                return None
+            if not entry.path.exists():  # removed behind our back
+                self._forget(nar_hash)
+                return None
+            self._entries.move_to_end(nar_hash)
+        try:
+            os.utime(entry.path)
+        except OSError:
+            pass
+        return entry
+
+    async def open(self, nar_hash: str, offset: int = 0) -> AsyncIterator[bytes]:
+        """Raw NAR bytes from ``offset``; decompression runs in a worker thread."""
+        entry = self.get(nar_hash)
+        if entry is None:
+            raise FileNotFoundError(f"NAR {nar_hash} is not in the cache")
+        # Opening the fd now keeps the data readable even if the entry is evicted meanwhile.
+        f = open(entry.path, "rb")
+        try:
+            reader = zstandard.ZstdDecompressor().stream_reader(f, read_size=READ_CHUNK)
+            skip = offset
+            while skip > 0:
+                got = await asyncio.to_thread(reader.read, min(skip, 4 * READ_CHUNK))
+                if not got:
+                    return
+                skip -= len(got)
+            while True:
+                chunk = await asyncio.to_thread(reader.read, READ_CHUNK)
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            f.close()
+
+    def writer(self, nar_hash: str, nar_size: int) -> CacheWriter:
+        if not _NAR_HASH.fullmatch(nar_hash):
+            raise ValueError(f"not a nix32 sha256 NarHash: {nar_hash!r}")
+        return CacheWriter(self, nar_hash, nar_size)
+
+    def _final_path(self, nar_hash: str, nar_size: int) -> Path:
+        return self.directory / f"{nar_hash}-{nar_size}.nar.zst"
+
+    def _add(self, entry: CachedNar) -> None:
+        with self._lock:
+            if entry.nar_hash in self._entries:
+                return
+            self._entries[entry.nar_hash] = entry
+            self._total += entry.file_size
+        self.evict()
+
+    def _forget(self, nar_hash: str) -> None:
+        entry = self._entries.pop(nar_hash, None)
+        if entry is not None:
+            self._total -= entry.file_size
+
+    def evict(self) -> None:
+        """Remove least recently used entries until the total fits ``max_size``."""
+        with self._lock:
+            while self._total > self.max_size and self._entries:
+                nar_hash, entry = next(iter(self._entries.items()))
+                self._forget(nar_hash)
+                entry.path.unlink(missing_ok=True)
+                log.debug("evicted %s (%d bytes)", nar_hash, entry.file_size)
+
+
+class CacheWriter:
+    """Raw NAR bytes in, zstd to a temp file; visible only after :meth:`commit`."""
+
+    def __init__(self, cache: NarCache, nar_hash: str, nar_size: int) -> None:
+        self.cache = cache
+        self.nar_hash = nar_hash
+        self.nar_size = nar_size
+        self.written = 0
+        self._tmp = cache.directory / f".tmp-{nar_hash}-{os.getpid()}-{id(self):x}"
+        self._file = open(self._tmp, "wb")
+        params = zstandard.ZstdCompressionParameters.from_level(
+            cache.level, write_checksum=True, write_content_size=True
+        )
+        self._zstd = zstandard.ZstdCompressor(compression_params=params).stream_writer(
+            self._file, size=nar_size, closefd=False
+        )
+        self._done = False
+
+    def write(self, data: bytes) -> None:
+        if self._done:
+            raise ValueError("write after commit or abort")
+        self.written += len(data)
+        if self.written > self.nar_size:
+            self.abort()
+            raise SizeMismatch(f"more than NarSize {self.nar_size} bytes written to the cache")
+        self._zstd.write(data)
+
+    async def commit(self) -> None:
+        if self._done:
+            return
+        if self.written != self.nar_size:
+            self.abort()
+            raise SizeMismatch(f"cache got {self.written} bytes, NarSize is {self.nar_size}")
+        self._done = True
+        try:
+            await asyncio.to_thread(self._finish)
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
+        final = self.cache._final_path(self.nar_hash, self.nar_size)
+        if self.nar_hash in self.cache._entries:
+            self._tmp.unlink(missing_ok=True)  # someone else cached it first
+            return
+        file_size = self._tmp.stat().st_size
+        if file_size > self.cache.max_size:
+            log.info("NAR %s (%d bytes compressed) is larger than the cache; not kept", self.nar_hash, file_size)
+            self._tmp.unlink(missing_ok=True)
+            return
+        os.replace(self._tmp, final)
+        self.cache._add(CachedNar(self.nar_hash, self.nar_size, file_size, final))
+
+    def _finish(self) -> None:
+        self._zstd.flush(zstandard.FLUSH_FRAME)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._file.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is not None:
+            self.abort()

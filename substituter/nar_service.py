@@ -1,0 +1,125 @@
+"""Verified NAR bytes for a resolved path: from the local cache, or from the sources.
+
+Small NARs (up to ``spool_limit``) are verified completely into the local NAR cache before the
+first byte is handed out, so a corrupt source is replaced by the next one transparently.  Larger
+NARs stream through while being verified (the last chunk held back until the hash checks) and are
+teed into the cache, committed only once verified.  Both paths are shared by the HTTP endpoint and
+the CLI's store import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
+
+from .transfer import Source, TransferEvents, TransferFailed, verified_nar
+
+if TYPE_CHECKING:
+    from .broker import Resolution
+    from .nar_cache import NarCache
+
+__all__ = ["NarService", "DEFAULT_SPOOL_LIMIT"]
+
+log = logging.getLogger("substituter.nar")
+
+DEFAULT_SPOOL_LIMIT = 32 * 1024 * 1024
+#: How many times a spool starts over with the remaining sources after one sent wrong bytes.
+MAX_RESTARTS = 3
+
+SourcesFn = Callable[["Resolution", set[str]], list[Source]]
+EventsFn = Callable[["Resolution"], TransferEvents]
+
+
+class NarService:
+    def __init__(
+        self,
+        sources: SourcesFn,
+        cache: NarCache | None,
+        *,
+        spool_limit: int = DEFAULT_SPOOL_LIMIT,
+        events: EventsFn | None = None,
+    ) -> None:
+        self._sources = sources
+        self.cache = cache
+        self.spool_limit = spool_limit
+        self._events = events or (lambda res: TransferEvents())
+        self._spooling: dict[str, asyncio.Task[None]] = {}
+
+    def cached(self, nar_hash: str) -> bool:
+        return self.cache is not None and self.cache.get(nar_hash) is not None
+
+    async def stream(self, res: Resolution, offset: int = 0) -> AsyncIterator[bytes]:
+        """Yield the verified NAR from ``offset``; raises TransferFailed when it cannot."""
+        assert res.info is not None
+        nar_hash = res.info.nar_hash.nix32()
+        if self.cache is not None:
+            if self.cache.get(nar_hash) is None and res.info.nar_size <= self.spool_limit:
+                await self._spool_once(res, nar_hash)
+            if self.cache.get(nar_hash) is not None:
+                async for chunk in self.cache.open(nar_hash, offset):
+                    yield chunk
+                return
+        async for chunk in self._stream_through(res, offset):
+            yield chunk
+
+    async def _spool_once(self, res: Resolution, nar_hash: str) -> None:
+        """One spool per NAR at a time; concurrent requests wait for the same one."""
+        task = self._spooling.get(nar_hash)
+        if task is None:
+            task = asyncio.ensure_future(self._spool(res, nar_hash))
+            self._spooling[nar_hash] = task
+            task.add_done_callback(lambda _t: self._spooling.pop(nar_hash, None))
+        await asyncio.shield(task)
+
+    async def _spool(self, res: Resolution, nar_hash: str) -> None:
+        assert self.cache is not None and res.info is not None
+        bad: set[str] = set()
+        for _attempt in range(MAX_RESTARTS + 1):
+            sources = self._sources(res, bad)
+            if not sources:
+                break
+            writer = self.cache.writer(nar_hash, res.info.nar_size)
+            try:
+                async for chunk in verified_nar(res.info, sources, self._events(res)):
+                    writer.write(chunk)
+                await writer.commit()
+                return
+            except TransferFailed as exc:
+                writer.abort()
+                if not exc.bad:
+                    raise
+                bad.update(exc.bad)
+                log.warning("%s: starting over without %s", res.info.store_path, ", ".join(exc.bad))
+            except BaseException:
+                writer.abort()
+                raise
+        raise TransferFailed(
+            f"no source could deliver {res.info.store_path}: "
+            + (f"wrong bytes from {', '.join(sorted(bad))}" if bad else "no trusted source left"),
+            sorted(bad),
+        )
+
+    async def _stream_through(self, res: Resolution, offset: int) -> AsyncIterator[bytes]:
+        assert res.info is not None
+        writer = (
+            self.cache.writer(res.info.nar_hash.nix32(), res.info.nar_size)
+            if self.cache is not None
+            else None
+        )
+        position = 0
+        try:
+            async for chunk in verified_nar(res.info, self._sources(res, set()), self._events(res)):
+                if writer is not None:
+                    writer.write(chunk)
+                end = position + len(chunk)
+                if end > offset:
+                    yield chunk[max(0, offset - position):]
+                position = end
+            if writer is not None:
+                await writer.commit()
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise

@@ -1,0 +1,252 @@
+"""Verified NAR streams: decompress, parse strictly, count and hash, fail over between sources.
+
+:func:`verified_nar` turns a ranked list of sources for one store path into the NAR's bytes.  Every
+byte passes the strict NAR parser and the running sha256; the size is capped at the signed NarSize
+as bytes arrive.  When a source fails or stalls mid-stream the next one continues at the same NAR
+offset (NAR bytes are identical whatever the source).  The last chunk is held back until the whole
+stream has been checked against the signed NarHash, so a consumer never sees a complete NAR that
+did not verify: on a mismatch the stream ends with :class:`~substituter.errors.HashMismatch`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from .errors import (
+    CompressionError,
+    FetchError,
+    HashMismatch,
+    NarError,
+    NotAvailable,
+    SizeMismatch,
+    TransientFetchError,
+    VerificationError,
+)
+from .nix.compression import decompressor, normalize
+from .nix.hashes import Hash
+from .nix.nar import NarParser
+from .nix.narinfo import NarInfo
+from .plugin import Offer
+
+__all__ = ["Source", "TransferEvents", "verified_nar", "TransferFailed"]
+
+log = logging.getLogger("substituter.transfer")
+
+Opener = Callable[[Offer, int], AsyncIterator[bytes]]
+
+#: Chunks at least this big are decompressed and hashed in a worker thread: hashlib, zstd, lzma
+#: and bz2 release the GIL, so the event loop keeps serving and a second core helps.
+THREAD_THRESHOLD = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Source:
+    """One place a NAR can come from: the fetcher's name, its offer, and how to open it."""
+
+    fetcher: str
+    offer: Offer
+    open: Opener
+
+
+class TransferFailed(FetchError):
+    """No source could deliver a verified NAR.  ``bad`` names sources that sent wrong bytes."""
+
+    def __init__(self, message: str, bad: list[str] | None = None, delivered: int = 0) -> None:
+        super().__init__(message)
+        self.bad = bad or []
+        self.delivered = delivered
+
+
+@dataclass
+class TransferEvents:
+    """Callbacks for observers (the broker asserts ``transfer``/``failed`` from these)."""
+
+    progress: Callable[[str, int, int], None] = lambda fetcher, done, total: None
+    failed: Callable[[str, str, bool], None] = lambda fetcher, reason, transient: None
+    done: Callable[[], None] = lambda: None
+    stall_timeout: float = 60.0
+    #: For flat/text content-addressed paths trusted by CA alone (see trust.Verdict).
+    content_hash: Hash | None = None
+
+
+class _FlatContentHash:
+    """NarSink hashing the contents of a NAR that must be one regular file (flat/text CA)."""
+
+    def __init__(self) -> None:
+        self.hasher = hashlib.sha256()
+
+    def _not_flat(self, *_args: object) -> None:
+        raise HashMismatch("a flat content-addressed path must be a single regular file")
+
+    directory_start = directory_end = entry = symlink = _not_flat
+
+    def file_start(self, executable: bool, size: int) -> None:
+        if executable:
+            self._not_flat()
+
+    def file_data(self, chunk: memoryview) -> None:
+        self.hasher.update(chunk)
+
+    def file_end(self) -> None:
+        pass
+
+
+class _Checker:
+    """The strict parser plus size cap; one per transfer, fed across sources."""
+
+    def __init__(self, info: NarInfo, content_hash: Hash | None = None) -> None:
+        self.expected_size = info.nar_size
+        self.expected_hash = info.nar_hash
+        self.content_hash = content_hash
+        self.content = _FlatContentHash() if content_hash is not None else None
+        self.parser = NarParser(self.content)
+
+    @property
+    def size(self) -> int:
+        return int(self.parser.nar_size)
+
+    def feed(self, data: bytes) -> None:
+        if self.parser.nar_size + len(data) > self.expected_size:
+            raise SizeMismatch(
+                f"NAR is longer than its signed NarSize {self.expected_size}"
+            )
+        self.parser.feed(data)
+
+    def finish(self) -> None:
+        if self.size != self.expected_size:
+            raise SizeMismatch(f"NAR has {self.size} bytes, signed NarSize is {self.expected_size}")
+        self.parser.finish()
+        got = Hash("sha256", self.parser.nar_hash_digest())
+        if got != self.expected_hash:
+            raise HashMismatch(f"hash mismatch: NAR has {got}, signed NarHash is {self.expected_hash}")
+        if self.content is not None:
+            content = Hash("sha256", self.content.hasher.digest())
+            if content != self.content_hash:
+                raise HashMismatch(
+                    f"hash mismatch: contents have {content}, content address says {self.content_hash}"
+                )
+
+
+async def _maybe_thread(fn: Callable[[bytes], bytes | None], data: bytes) -> bytes | None:
+    if len(data) >= THREAD_THRESHOLD:
+        return await asyncio.to_thread(fn, data)
+    return fn(data)
+
+
+async def _with_stall_timeout(
+    it: AsyncIterator[bytes], timeout: float, fetcher: str
+) -> AsyncIterator[bytes]:
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(it), timeout)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise TransientFetchError(f"{fetcher}: no data for {timeout:g} s (stalled)") from None
+        yield chunk
+
+
+async def _nar_chunks(source: Source, offset: int, max_size: int, stall: float) -> AsyncIterator[bytes]:
+    """The source's NAR bytes from ``offset``: ranged when raw, decompressed and skipped otherwise."""
+    compression = normalize(source.offer.compression)
+    raw = compression == "none"
+    stream = source.open(source.offer, offset if raw else 0)
+    decoder = None if raw else decompressor(compression, max_output=max_size)
+    skip = 0 if raw else offset
+    try:
+        async for chunk in _with_stall_timeout(stream, stall, source.fetcher):
+            if decoder is not None:
+                out = await _maybe_thread(decoder.decode, chunk)
+                chunk = out or b""
+            if skip:
+                cut = min(skip, len(chunk))
+                chunk, skip = chunk[cut:], skip - cut
+            if chunk:
+                yield chunk
+        if decoder is not None:
+            tail = decoder.flush()
+            if skip:
+                tail, skip = tail[skip:], max(0, skip - len(tail))
+            if tail:
+                yield tail
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def verified_nar(
+    info: NarInfo, sources: list[Source], events: TransferEvents | None = None
+) -> AsyncIterator[bytes]:
+    """Yield the NAR of ``info`` from ``sources`` (best first), verified as described above.
+
+    Raises :class:`TransferFailed` when no source can finish; bytes yielded before that are a
+    correct prefix only as far as the parser could tell, so the consumer must abort (never
+    present a short or unverified stream as complete).
+    """
+    events = events or TransferEvents()
+    try:
+        async for chunk in _verified_nar(info, sources, events):
+            yield chunk
+    finally:
+        events.done()
+
+
+async def _verified_nar(
+    info: NarInfo, sources: list[Source], events: TransferEvents
+) -> AsyncIterator[bytes]:
+    checker = _Checker(info, events.content_hash)
+    pending: bytes | None = None
+    bad: list[str] = []
+    reasons: list[str] = []
+    for source in sources:
+        start = checker.size
+        try:
+            async for chunk in _nar_chunks(source, start, info.nar_size, events.stall_timeout):
+                await _maybe_thread(checker.feed, chunk)
+                if pending is not None:
+                    yield pending
+                pending = chunk
+                events.progress(source.fetcher, checker.size, info.nar_size)
+            if checker.size < info.nar_size:
+                raise TransientFetchError(
+                    f"{source.fetcher}: stream ended at byte {checker.size} of {info.nar_size}"
+                )
+            checker.finish()
+        except (TransientFetchError, NotAvailable, OSError) as exc:
+            transient = not isinstance(exc, NotAvailable)
+            log.warning("%s: %s at NAR byte %d; trying the next source", source.fetcher, exc, checker.size)
+            events.failed(source.fetcher, str(exc), transient)
+            reasons.append(f"{source.fetcher}: {exc}")
+            continue
+        except (VerificationError, NarError, CompressionError) as exc:
+            # Wrong bytes were already fed to the parser: this stream cannot be continued.
+            log.error("%s: %s for %s", source.fetcher, exc, info.store_path)
+            events.failed(source.fetcher, str(exc), False)
+            bad.append(source.fetcher)
+            raise TransferFailed(f"{source.fetcher}: {exc}", bad, checker.size) from exc
+        if pending is not None:
+            yield pending
+        return
+    summary = "; ".join(reasons) or "no sources"
+    raise TransferFailed(
+        f"no source could deliver {info.store_path} (got {checker.size} of {info.nar_size} bytes): "
+        f"{summary}",
+        bad,
+        checker.size,
+    )
+
+
+async def drain(stream: AsyncIterator[bytes], sink: Callable[[bytes], Awaitable[None] | None]) -> int:
+    """Consume a stream into ``sink``; returns the byte count."""
+    total = 0
+    async for chunk in stream:
+        result = sink(chunk)
+        if result is not None:
+            await result
+        total += len(chunk)
+    return total
