@@ -19,7 +19,9 @@ def test_round_trip(data: bytes) -> None:
     assert base32.decode(text) == data
 
 
-@pytest.mark.parametrize(("nbytes", "nchars"), [(0, 0), (1, 2), (16, 26), (20, 32), (32, 52), (64, 103)])
+@pytest.mark.parametrize(
+    ("nbytes", "nchars"), [(0, 0), (1, 2), (16, 26), (20, 32), (32, 52), (64, 103)]
+)
 def test_encoded_length(nbytes: int, nchars: int) -> None:
     assert base32.encoded_length(nbytes) == nchars
     assert base32.decoded_length(nchars) == nbytes

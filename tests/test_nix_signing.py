@@ -134,8 +134,16 @@ def test_nix_accepts_our_signatures_only_with_our_key(
 
     def copy(trusted: str, store: Path) -> bytes:
         return nix.run(
-            "nix", "copy", "--from", f"file://{cache.directory}", "--to", str(store),
-            "--option", "trusted-public-keys", trusted, *cache.closure,
+            "nix",
+            "copy",
+            "--from",
+            f"file://{cache.directory}",
+            "--to",
+            str(store),
+            "--option",
+            "trusted-public-keys",
+            trusted,
+            *cache.closure,
         )
 
     accepted = tmp_path / "accepted"

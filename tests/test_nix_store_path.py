@@ -4,6 +4,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,13 +122,18 @@ def test_source_paths_match_nix_store_add(nix: Nix, sources: tuple[Path, Path]) 
         computed = make_source_path(nar_hash(nix, source), source.name)
         assert computed.path() == added
         recursive = nix.text("nix-store", "--add-fixed", "--recursive", "sha256", str(source))
-        assert make_fixed_output_path(source.name, "recursive", nar_hash(nix, source)).path() == recursive
+        assert (
+            make_fixed_output_path(source.name, "recursive", nar_hash(nix, source)).path()
+            == recursive
+        )
         assert recursive == added
 
 
 @pytest.mark.nix
 @pytest.mark.parametrize("algorithm", ["sha256", "sha1", "sha512", "md5"])
-def test_flat_fixed_output_matches_nix(nix: Nix, sources: tuple[Path, Path], algorithm: str) -> None:
+def test_flat_fixed_output_matches_nix(
+    nix: Nix, sources: tuple[Path, Path], algorithm: str
+) -> None:
     file, _ = sources
     added = nix.text("nix-store", "--add-fixed", algorithm, str(file))
     flat = Hash.of_bytes(file.read_bytes(), algorithm)
@@ -150,15 +156,15 @@ def test_recursive_non_sha256_matches_nix(
 @pytest.mark.nix
 def test_text_paths_match_builtins_to_file(nix: Nix) -> None:
     stamp = time.time_ns()
-    printed = nix.text(
-        "nix-instantiate", "--eval", "-E", f'builtins.toFile "note" "text {stamp}"'
-    )
+    printed = nix.text("nix-instantiate", "--eval", "-E", f'builtins.toFile "note" "text {stamp}"')
     assert printed.startswith('"/nix/store/') and printed.endswith('-note"')
     assert make_text_path("note", f"text {stamp}".encode()).path() == printed.strip('"')
 
     # A text path that refers to another: the reference is part of the type.
     with_ref = nix.text(
-        "nix-instantiate", "--eval", "-E",
+        "nix-instantiate",
+        "--eval",
+        "-E",
         f'let dep = builtins.toFile "dep" "{stamp}"; in builtins.toFile "user" "uses ${{dep}}"',
     ).strip('"')
     dep = make_text_path("dep", str(stamp).encode())
@@ -168,8 +174,9 @@ def test_text_paths_match_builtins_to_file(nix: Nix) -> None:
     assert make_text_path("user", content).path() != with_ref
 
 
-def path_info(nix: Nix, *paths: str) -> list[dict[str, object]]:
-    return json.loads(nix.run("nix", "path-info", "--json", *paths))
+def path_info(nix: Nix, *paths: str) -> list[dict[str, Any]]:
+    infos: list[dict[str, Any]] = json.loads(nix.run("nix", "path-info", "--json", *paths))
+    return infos
 
 
 @pytest.mark.nix
@@ -181,7 +188,10 @@ def test_ca_path_recomputes_nix_ca_fields(nix: Nix, sources: tuple[Path, Path]) 
         "nix-instantiate", "--eval", "--read-write-mode", "-E", f'builtins.toFile "d" "{stamp}"'
     ).strip('"')
     text_with_ref = nix.text(
-        "nix-instantiate", "--eval", "--read-write-mode", "-E",
+        "nix-instantiate",
+        "--eval",
+        "--read-write-mode",
+        "-E",
         f'let d = builtins.toFile "d" "{stamp}"; in builtins.toFile "t" "${{d}}"',
     ).strip('"')
     paths = [
@@ -199,7 +209,7 @@ def test_ca_path_recomputes_nix_ca_fields(nix: Nix, sources: tuple[Path, Path]) 
         assert isinstance(ca, str)
         kinds.add(ca.split(":")[0] + (":r" if ca.startswith("fixed:r:") else ""))
         own = StorePath.parse(str(info["path"]))
-        refs = [r for r in info["references"] if r != info["path"]]  # type: ignore[attr-defined]
+        refs = [r for r in info["references"] if r != info["path"]]
         assert ca_path(ca, own.name, refs) == own
         assert str(parse_content_address(ca)) == ca
         # The same CA under another name is another path.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..errors import Base32Error
 
-__all__ = ["ALPHABET", "encode", "decode", "encoded_length", "decoded_length"]
+__all__ = ["ALPHABET", "decode", "decoded_length", "encode", "encoded_length"]
 
 ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
 _DIGIT_VALUE = {char: value for value, char in enumerate(ALPHABET)}
@@ -22,7 +22,7 @@ def encoded_length(nbytes: int) -> int:
 
 
 def decoded_length(nchars: int) -> int:
-    """Number of bytes encoded by ``nchars`` characters; Base32Error if no byte count has that length."""
+    """Bytes encoded by ``nchars`` characters; Base32Error if no byte count has that length."""
     nbytes = nchars * 5 // 8
     if encoded_length(nbytes) != nchars:
         raise Base32Error(f"{nchars} characters is not the length of any nix32 encoding")
@@ -45,7 +45,9 @@ def decode(text: str) -> bytes:
     for position, char in enumerate(text):
         digit = _DIGIT_VALUE.get(char)
         if digit is None:
-            raise Base32Error(f"invalid nix32 character {char!r} at position {position} in {text!r}")
+            raise Base32Error(
+                f"invalid nix32 character {char!r} at position {position} in {text!r}"
+            )
         value = (value << 5) | digit
     if value >> (8 * nbytes):
         raise Base32Error(f"nix32 text {text!r} has bits set beyond its {nbytes}-byte size")

@@ -1,4 +1,4 @@
-"""Hashes as Nix writes them: ``sha256:<nix32>``, hex, base64 and SRI, for md5/sha1/sha256/sha512."""
+"""Hashes as Nix writes them (`sha256:<nix32>`, hex, base64, SRI): md5, sha1, sha256, sha512."""
 
 from __future__ import annotations
 
@@ -71,9 +71,7 @@ class Hash:
     def __post_init__(self) -> None:
         nbytes = _check_algorithm(self.algorithm)
         if len(self.digest) != nbytes:
-            raise HashError(
-                f"a {self.algorithm} digest has {nbytes} bytes, got {len(self.digest)}"
-            )
+            raise HashError(f"a {self.algorithm} digest has {nbytes} bytes, got {len(self.digest)}")
 
     @classmethod
     def parse(cls, text: str, default_algorithm: str | None = None) -> Hash:

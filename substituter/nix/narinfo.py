@@ -22,7 +22,7 @@ from .store_path import (
     parse_content_address,
 )
 
-__all__ = ["NarInfo", "DEFAULT_COMPRESSION", "UNKNOWN_DERIVER"]
+__all__ = ["DEFAULT_COMPRESSION", "UNKNOWN_DERIVER", "NarInfo"]
 
 DEFAULT_COMPRESSION = "bzip2"  # what Nix assumes when the Compression line is missing
 UNKNOWN_DERIVER = "unknown-deriver"
@@ -86,6 +86,7 @@ class NarInfo:
     sigs: list[str] = field(default_factory=list)
     ca: str | None = None
     extra: list[tuple[str, str]] = field(default_factory=list)
+    # Set by parse(); lets to_text() reproduce the parsed file. Not part of equality.
     layout: _Layout | None = field(default=None, repr=False, compare=False)
 
     # -- derived ------------------------------------------------------------------
@@ -122,7 +123,11 @@ class NarInfo:
         others = [ref for ref in self.references if ref != own.base_name]
         try:
             computed = ca_path(
-                self.ca, own.name, others, self.store_dir, self_ref=len(others) != len(self.references)
+                self.ca,
+                own.name,
+                others,
+                self.store_dir,
+                self_ref=len(others) != len(self.references),
             )
         except FormatError:
             return False
@@ -130,44 +135,34 @@ class NarInfo:
 
     # -- copies with changes (the daemon rewrites these when serving) ---------------
 
+    def copy(self, **changes: Any) -> NarInfo:
+        """A copy with ``changes`` applied; lists are copied, so the two never share state."""
+        lists = {name: list(getattr(self, name)) for name in ("references", "sigs", "extra")}
+        return dataclasses.replace(self, **{**lists, **changes})
+
     def with_url(self, url: str) -> NarInfo:
-        return dataclasses.replace(self, url=url)
+        return self.copy(url=url)
 
     def with_file(
         self, url: str, compression: str, file_hash: Hash | None, file_size: int | None
     ) -> NarInfo:
         """A copy describing a different file of the same NAR (another compression)."""
-        return dataclasses.replace(
-            self, url=url, compression=compression, file_hash=file_hash, file_size=file_size
-        )
+        return self.copy(url=url, compression=compression, file_hash=file_hash, file_size=file_size)
 
     def with_sigs(self, sigs: list[str]) -> NarInfo:
-        return dataclasses.replace(self, sigs=list(sigs))
+        return self.copy(sigs=list(sigs))
 
     # -- parsing ----------------------------------------------------------------------
 
     @classmethod
     def parse(cls, text: str | bytes) -> NarInfo:
         """Parse strictly; NarInfoError names the offending line."""
-        if isinstance(text, bytes):
-            try:
-                text = text.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                line = text.count(b"\n", 0, exc.start) + 1
-                raise NarInfoError("narinfo is not valid UTF-8", line=line) from exc
-        if not text:
-            raise NarInfoError("narinfo is empty")
-        lines = text.split("\n")
-        if lines[-1] != "":
-            raise NarInfoError("last line does not end with a newline", line=len(lines))
-        lines.pop()
-
         values: dict[str, Any] = {}
         raw: dict[str, tuple[str, Any]] = {}
         sigs: list[str] = []
         extra: list[tuple[str, str]] = []
         keys: list[str] = []
-        for number, line in enumerate(lines, start=1):
+        for number, line in enumerate(_lines(text), start=1):
             key, value = _split_line(line, number)
             keys.append(key)
             if key == "Sig":
@@ -260,6 +255,23 @@ def _frozen(value: Any) -> Any:
 
 
 # -- line and value parsers ------------------------------------------------------------
+
+
+def _lines(text: str | bytes) -> list[str]:
+    """The lines of a narinfo, each of which must end with a newline."""
+    if isinstance(text, bytes):
+        data = text
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise NarInfoError("narinfo is not valid UTF-8", line=line) from exc
+    if not text:
+        raise NarInfoError("narinfo is empty")
+    lines = text.split("\n")
+    if lines[-1] != "":
+        raise NarInfoError("last line does not end with a newline", line=len(lines))
+    return lines[:-1]
 
 
 def _split_line(line: str, number: int) -> tuple[str, str]:

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from ..errors import KeyFormatError
 from .narinfo import NarInfo
 
-__all__ = ["SecretKey", "PublicKey", "sign_narinfo", "verify_narinfo"]
+__all__ = ["PublicKey", "SecretKey", "sign_narinfo", "verify_narinfo"]
 
 _SEED_SIZE = 32
 _PUBLIC_SIZE = 32
@@ -112,7 +112,7 @@ class SecretKey:
         return f"{self.name}:{base64.b64encode(signature).decode('ascii')}"
 
     def to_text(self) -> str:
-        """The ``name:base64`` form Nix reads (not ``__str__``, so it is never printed by accident)."""
+        """The ``name:base64`` form Nix reads (not ``__str__``: never printed by accident)."""
         return f"{self.name}:{base64.b64encode(self.key).decode('ascii')}"
 
 

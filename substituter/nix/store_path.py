@@ -24,16 +24,16 @@ from .hashes import Hash, compress_hash
 __all__ = [
     "DEFAULT_STORE_DIR",
     "HASH_PART_LENGTH",
+    "ContentAddress",
     "StorePath",
-    "validate_hash_part",
-    "validate_name",
+    "ca_path",
+    "make_fixed_output_path",
+    "make_source_path",
     "make_store_path",
     "make_text_path",
-    "make_source_path",
-    "make_fixed_output_path",
-    "ContentAddress",
     "parse_content_address",
-    "ca_path",
+    "validate_hash_part",
+    "validate_name",
 ]
 
 DEFAULT_STORE_DIR = "/nix/store"
@@ -115,9 +115,7 @@ class StorePath:
                     f"path {text!r} is inside a store path, not a store path itself"
                 )
         if len(base_name) < HASH_PART_LENGTH + 2 or base_name[HASH_PART_LENGTH] != "-":
-            raise StorePathError(
-                f"store path {text!r} is not '<32 hash characters>-<name>'"
-            )
+            raise StorePathError(f"store path {text!r} is not '<32 hash characters>-<name>'")
         return cls(base_name[:HASH_PART_LENGTH], base_name[HASH_PART_LENGTH + 1 :])
 
     @property
@@ -218,7 +216,8 @@ def make_fixed_output_path(
     references = list(references)
     if references or self_ref:
         raise StorePathError(
-            f"fixed-output path {name!r} hashed {method} with {hash.algorithm} cannot have references"
+            f"fixed-output path {name!r} hashed {method} with {hash.algorithm} "
+            "cannot have references"
         )
     method_tag = "r:" if method == "recursive" else ""
     inner_text = f"fixed:out:{method_tag}{hash.algorithm}:{hash.hex()}:"
@@ -275,4 +274,6 @@ def ca_path(
         if self_ref:
             raise StorePathError(f"text path {name!r} cannot refer to itself")
         return _make_text_path_from_hash(name, address.hash, references, store_dir)
-    return make_fixed_output_path(name, address.method, address.hash, store_dir, references, self_ref)
+    return make_fixed_output_path(
+        name, address.method, address.hash, store_dir, references, self_ref
+    )
