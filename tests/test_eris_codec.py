@@ -153,13 +153,15 @@ LARGE_100MIB = (
     "100MiB (block size 1KiB)",
     100 * 2**20,
     1024,
-    "urn:eris:BIC6F5EKY2PMXS2VNOKPD3AJGKTQBD3EXSCSLZIENXAXBM7PCTH2TCMF5OKJWAN36N4DFO6JPFZBR3MS7ECOGDYDERIJJ4N5KAQSZS67YY",
+    "urn:eris:BIC6F5EKY2PMXS2VNOKPD3AJGKTQBD3EXSCSLZIENXAXBM7PCTH"
+    "2TCMF5OKJWAN36N4DFO6JPFZBR3MS7ECOGDYDERIJJ4N5KAQSZS67YY",
 )
 LARGE_1GIB = (
     "1GiB (block size 32KiB)",
     2**30,
     32768,
-    "urn:eris:B4BL4DKSEOPGMYS2CU2OFNYCH4BGQT774GXKGURLFO5FDXAQQPJGJ35AZR3PEK6CVCV74FVTAXHRSWLUUNYYA46ZPOPDOV2M5NVLBETWVI",
+    "urn:eris:B4BL4DKSEOPGMYS2CU2OFNYCH4BGQT774GXKGURLFO5FDXAQQPJ"
+    "GJ35AZR3PEK6CVCV74FVTAXHRSWLUUNYYA46ZPOPDOV2M5NVLBETWVI",
 )
 
 
@@ -389,6 +391,15 @@ async def test_level_too_deep_for_max_size_is_refused_before_fetching() -> None:
         decode_bytes(cap, blocks, max_size=16383)
 
 
+def test_impossibly_deep_capability_is_refused_even_without_max_size() -> None:
+    deep = ReadCapability(1024, 16, bytes(32), bytes(32))  # at least 16**15 KiB: > 2**64
+    with pytest.raises(ErisError, match="more than any content"):
+        decode_bytes(deep, {})
+    deepest = ReadCapability(1024, 14, bytes(32), bytes(32))  # 16**13 KiB = 2**62 bytes: fits
+    with pytest.raises(errors.NotAvailable):
+        decode_bytes(deepest, {})
+
+
 async def test_content_beyond_max_size_is_refused_before_its_leaf_is_fetched() -> None:
     content = random.Random(2).randbytes(3000)  # leaves 0 and 1 full, leaf 2 partial
     cap, blocks = encode(content, 1024)
@@ -428,6 +439,14 @@ def make_node(pairs: list[tuple[bytes, bytes]], level: int) -> tuple[bytes, byte
     return hashlib.blake2b(block, digest_size=32).digest(), key, block
 
 
+def decode_node(cap: ReadCapability, blocks: Mapping[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    """The (ref, key) pairs of a level-1 root, decrypted by hand."""
+    nonce = b"\0" * 4 + bytes((cap.level,)) + bytes(11)
+    cipher = Cipher(algorithms.ChaCha20(cap.root_key, nonce), mode=None)
+    plain = cipher.encryptor().update(blocks[cap.root_ref])
+    return [(plain[i : i + 32], plain[i + 32 : i + 64]) for i in range(0, 128, 64)]
+
+
 async def test_root_with_a_single_child_is_rejected() -> None:
     cap, blocks = encode(b"hello", 1024)
     ref, key, block = make_node([(cap.root_ref, cap.root_key)], 1)
@@ -440,15 +459,14 @@ async def test_root_with_a_single_child_is_rejected() -> None:
 
 
 async def test_partly_full_node_before_the_last_is_rejected() -> None:
-    leaves = [encode(bytes([i]) * 1024, 1024) for i in range(3)]
+    # Three one-block contents encode as a full leaf plus a padding leaf: borrow the full ones.
     blocks: dict[bytes, bytes] = {}
-    for leaf_cap, leaf_blocks in leaves:
-        blocks.update(leaf_blocks)
-    # Each of these single-leaf trees is one full leaf plus a padding leaf: take the pairs.
     pairs: list[tuple[bytes, bytes]] = []
-    for leaf_cap, leaf_blocks in leaves:
-        node = decode_node(leaf_cap, leaf_blocks)
-        pairs.append(node[0])
+    for i in range(3):
+        leaf_cap, leaf_blocks = encode(bytes([i]) * 1024, 1024)
+        blocks.update(leaf_blocks)
+        pairs.append(decode_node(leaf_cap, leaf_blocks)[0])
+    # The walk fails at the left node, before the right edge's missing padding matters.
     left = make_node(pairs[:1], 1)  # only one of 16 children, yet not the last node
     right = make_node(pairs[1:], 1)
     for ref, _, block in (left, right):
@@ -460,14 +478,6 @@ async def test_partly_full_node_before_the_last_is_rejected() -> None:
         decode_bytes(cap, blocks)
     with pytest.raises(ErisError, match="holds 1 of 16 references but is not the last"):
         await decode_all(cap, blocks)
-
-
-def decode_node(cap: ReadCapability, blocks: Mapping[bytes, bytes]) -> list[tuple[bytes, bytes]]:
-    """The (ref, key) pairs of a level-1 root, decrypted by hand."""
-    nonce = b"\0" * 4 + bytes((cap.level,)) + bytes(11)
-    cipher = Cipher(algorithms.ChaCha20(cap.root_key, nonce), mode=None)
-    plain = cipher.encryptor().update(blocks[cap.root_ref])
-    return [(plain[i : i + 32], plain[i + 32 : i + 64]) for i in range(0, 128, 64)]
 
 
 # --- concurrency and cancellation ------------------------------------------------------------

@@ -54,6 +54,7 @@ _CAP_BLOCK_SIZES = {code: size for size, code in _CAP_BLOCK_SIZE_CODES.items()}
 _URN_PREFIX = "urn:eris:"
 _BLOCK_URN_PREFIX = "urn:blake2b:"
 _READ_CHUNK = 1 << 20
+_MAX_CONTENT = 2**64 - 1  # sizes in Nix (NarSize) are unsigned 64-bit
 
 
 class ErisError(errors.FormatError):
@@ -91,11 +92,14 @@ def _hash(data: bytes | memoryview) -> bytes:
     return hashlib.blake2b(data, digest_size=_HASH_SIZE).digest()
 
 
+# cryptography takes the 4-byte little-endian block counter (0) and the 12-byte IETF nonce
+# ([level] + 11 zero bytes) as one 16-byte value.
+_NONCES = [bytes(4) + bytes((level,)) + bytes(11) for level in range(256)]
+
+
 def _chacha20(key: bytes, level: int, data: bytes | memoryview) -> bytes:
-    """IETF ChaCha20 with nonce [level] + 11 zero bytes, block counter 0 (its own inverse)."""
-    # cryptography takes the 4-byte little-endian counter and the 12-byte nonce as one value.
-    nonce = bytes(5) if level == 0 else b"\0\0\0\0" + bytes((level,))
-    cipher = Cipher(algorithms.ChaCha20(key, nonce + bytes(11)), mode=None)
+    """ChaCha20 as ERIS uses it for a node at `level`; it is its own inverse."""
+    cipher = Cipher(algorithms.ChaCha20(key, _NONCES[level]), mode=None)
     return cipher.encryptor().update(data)
 
 
@@ -324,13 +328,17 @@ class _Tree:
         self.max_size = max_size
         self.root = _Node(cap.root_ref, cap.root_key, cap.level, 0, True)
         # A canonical tree of level L >= 1 has more than arity**(L-1) leaves, all but one full.
-        if max_size is not None and cap.level > 0:
-            least = self.arity ** (cap.level - 1) * self.block_size
-            if least > max_size:
-                raise errors.SizeMismatch(
-                    f"read capability of level {cap.level} with {cap.block_size}-byte blocks"
-                    f" encodes at least {least} bytes, more than the expected {max_size}"
-                )
+        least = self.arity ** (cap.level - 1) * self.block_size if cap.level > 0 else 0
+        if max_size is not None and least > max_size:
+            raise errors.SizeMismatch(
+                f"read capability of level {cap.level} with {cap.block_size}-byte blocks"
+                f" encodes at least {least} bytes, more than the expected {max_size}"
+            )
+        if least > _MAX_CONTENT:  # even unbounded, a deeper tree can only be an attack
+            raise ErisError(
+                f"read capability of level {cap.level} with {cap.block_size}-byte blocks"
+                f" encodes at least {least} bytes, more than any content (2**64 bytes)"
+            )
 
     def missing(self, node: _Node) -> errors.NotAvailable:
         return errors.NotAvailable(f"block {_b32(node.ref)} (level {node.level}) is missing")
