@@ -8,6 +8,8 @@ from __future__ import annotations
 from fetchers.eris.codec import (
     BLOCK_SIZES,
     NULL_SECRET,
+    BlockSink,
+    GetBlock,
     CapabilityError,
     Encoder,
     ErisError,
@@ -22,6 +24,8 @@ from fetchers.eris.codec import (
 
 __all__ = [
     "BLOCK_SIZES",
+    "BlockSink",
+    "GetBlock",
     "NULL_SECRET",
     "CapabilityError",
     "Encoder",

@@ -30,6 +30,8 @@ from substituter import errors
 
 __all__ = [
     "BLOCK_SIZES",
+    "BlockSink",
+    "GetBlock",
     "NULL_SECRET",
     "ErisError",
     "CapabilityError",
@@ -54,6 +56,7 @@ _CAP_BLOCK_SIZES = {code: size for size, code in _CAP_BLOCK_SIZE_CODES.items()}
 _URN_PREFIX = "urn:eris:"
 _BLOCK_URN_PREFIX = "urn:blake2b:"
 _READ_CHUNK = 1 << 20
+Buffer = bytes | bytearray | memoryview
 _MAX_CONTENT = 2**64 - 1  # sizes in Nix (NarSize) are unsigned 64-bit
 
 
@@ -88,7 +91,7 @@ def _unb32(text: str, size: int, what: str) -> bytes:
     return data
 
 
-def _hash(data: bytes | memoryview) -> bytes:
+def _hash(data: Buffer) -> bytes:
     return hashlib.blake2b(data, digest_size=_HASH_SIZE).digest()
 
 
@@ -97,7 +100,7 @@ def _hash(data: bytes | memoryview) -> bytes:
 _NONCES = [bytes(4) + bytes((level,)) + bytes(11) for level in range(256)]
 
 
-def _chacha20(key: bytes, level: int, data: bytes | memoryview) -> bytes:
+def _chacha20(key: bytes, level: int, data: Buffer) -> bytes:
     """ChaCha20 as ERIS uses it for a node at `level`; it is its own inverse."""
     cipher = Cipher(algorithms.ChaCha20(key, _NONCES[level]), mode=None)
     return cipher.encryptor().update(data)
@@ -207,7 +210,7 @@ class Encoder:
         self._levels: list[list[bytes]] = [[]]
         self._finished = False
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
+    def feed(self, data: Buffer) -> None:
         if self._finished:
             raise ValueError("feed() after finish()")
         view = memoryview(data)
@@ -242,7 +245,7 @@ class Encoder:
         (root,) = self._levels[level]
         return ReadCapability(self._block_size, level, root[:_HASH_SIZE], root[_HASH_SIZE:])
 
-    def _add_leaf(self, leaf: bytes | memoryview) -> None:
+    def _add_leaf(self, leaf: Buffer) -> None:
         key = hashlib.blake2b(leaf, digest_size=_HASH_SIZE, key=self._secret).digest()
         self._emit(0, key, _chacha20(key, 0, leaf))
 
@@ -266,7 +269,7 @@ class Encoder:
             self._add_node(level + 1)
 
 
-def _chunks(source: Iterable[bytes] | BinaryIO) -> Iterator[bytes]:
+def _chunks(source: Iterable[Buffer] | BinaryIO) -> Iterator[Buffer]:
     if hasattr(source, "read"):
         while chunk := source.read(_READ_CHUNK):
             yield chunk
@@ -275,7 +278,7 @@ def _chunks(source: Iterable[bytes] | BinaryIO) -> Iterator[bytes]:
 
 
 def encode_to(
-    source: Iterable[bytes] | BinaryIO,
+    source: Iterable[Buffer] | BinaryIO,
     sink: BlockSink,
     block_size: int,
     convergence_secret: bytes = NULL_SECRET,
@@ -288,7 +291,7 @@ def encode_to(
 
 
 def encode(
-    source: Iterable[bytes] | BinaryIO | bytes,
+    source: Iterable[Buffer] | BinaryIO | Buffer,
     block_size: int,
     convergence_secret: bytes = NULL_SECRET,
 ) -> tuple[ReadCapability, dict[bytes, bytes]]:
@@ -297,6 +300,7 @@ def encode(
     Holds every block in memory: for small content and tests; stream with `encode_to`.
     """
     blocks: dict[bytes, bytes] = {}
+    pieces: Iterable[Buffer] | BinaryIO
     pieces = [source] if isinstance(source, (bytes, bytearray, memoryview)) else source
     cap = encode_to(pieces, blocks.__setitem__, block_size, convergence_secret)
     return cap, blocks
