@@ -90,7 +90,7 @@ class RetryPolicy:
 
 
 class BearerAuth(httpx.Auth):
-    """``Authorization: Bearer`` sent only to one origin, so the token never leaks to other hosts."""
+    """``Authorization: Bearer`` for one origin only, so the token never leaks to other hosts."""
 
     def __init__(self, token: str, origin_url: str) -> None:
         self._token = token
@@ -170,7 +170,8 @@ async def stream_url(
     """Yield the raw bytes (never content-decoded) of ``url`` from ``offset`` on.
 
     Raises :class:`NotAvailable` for a missing file, :class:`TransientFetchError` for failures worth
-    retrying (5xx, resets, stalls: also in the middle of the body) and :class:`FetchError` otherwise.
+    retrying (5xx, resets, stalls: also in the middle of the body) and :class:`FetchError`
+    otherwise.
     """
     headers = {"Range": f"bytes={offset}-"} if offset > 0 else {}
     # Compressed NARs are served as application/x-xz etc. without Content-Encoding; and even if a

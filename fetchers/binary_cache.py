@@ -59,18 +59,20 @@ class BinaryCacheOptions:
         default=3.0, metadata={"help": "seconds to wait for a TCP/TLS connection"}
     )
     stall_timeout: float = field(
-        default=30.0, metadata={"help": "seconds without a byte before a transfer counts as stalled"}
+        default=30.0,
+        metadata={"help": "seconds without a byte before a transfer counts as stalled"},
     )
     retries: int = field(
-        default=3, metadata={"help": "extra tries for a narinfo after 5xx/408/429/connection errors"}
+        default=3,
+        metadata={"help": "extra tries for a narinfo after 5xx/408/429/connection errors"},
     )
     netrc_file: Path | None = field(
         default=None,
-        metadata={"help": "netrc file with credentials (default: $NETRC, else ~/.netrc, if present)"},
+        metadata={"help": "netrc file with credentials (default: $NETRC, else ~/.netrc, if any)"},
     )
     bearer_token_file: Path | None = field(
         default=None,
-        metadata={"help": "file holding a token sent as 'Authorization: Bearer' to this cache only"},
+        metadata={"help": "file with a token sent as 'Authorization: Bearer' to this cache only"},
     )
     http2: bool = field(default=True, metadata={"help": "use HTTP/2 where the server offers it"})
     max_connections: int = field(
@@ -88,7 +90,9 @@ class BinaryCacheOptions:
         if self.retries < 0:
             raise ValueError(f"option 'retries' must be 0 or more, got {self.retries}")
         if self.max_connections < 1:
-            raise ValueError(f"option 'max-connections' must be 1 or more, got {self.max_connections}")
+            raise ValueError(
+                f"option 'max-connections' must be 1 or more, got {self.max_connections}"
+            )
 
 
 @dataclass(frozen=True)
@@ -238,7 +242,8 @@ class BinaryCacheFetcher(Fetcher):
             )
         if status != 200:
             raise ConfigError(
-                f"{self.name}: {url} answered HTTP {status}; is {self.options.url} a Nix binary cache?"
+                f"{self.name}: {url} answered HTTP {status}; "
+                f"is {self.options.url} a Nix binary cache?"
             )
         info = parse_cache_info(body.decode("utf-8", errors="replace"))
         check_store_dir(info, self.context.store_dir, f"{self.name} ({self.options.url})")

@@ -118,7 +118,9 @@ class LocalMirrorFetcher(Fetcher):
             return Unavailable(f"{narinfo_file}: narinfo is for {info.store_path}")
         nar = self._nar_path(info.url)
         if nar is None:
-            log.warning("%s: %s names a file outside the mirror: %r", self.name, narinfo_file, info.url)
+            log.warning(
+                "%s: %s names a file outside the mirror: %r", self.name, narinfo_file, info.url
+            )
             return Unavailable(f"{narinfo_file}: URL {info.url!r} leaves {self.root}")
         if not await asyncio.to_thread(nar.is_file):
             return Unavailable(f"{narinfo_file} names {info.url}, which is missing")
@@ -156,7 +158,9 @@ class LocalMirrorFetcher(Fetcher):
                 try:
                     chunk = await loop.run_in_executor(None, os.pread, fd, READ_SIZE, position)
                 except OSError as exc:
-                    raise FetchError(f"{path}: read failed at byte {position}: {exc.strerror}") from exc
+                    raise FetchError(
+                        f"{path}: read failed at byte {position}: {exc.strerror}"
+                    ) from exc
                 if not chunk:
                     break
                 position += len(chunk)

@@ -8,7 +8,8 @@ HEAD, honours ``Range: bytes=N-`` / ``bytes=N-M`` and can be told to misbehave::
         server.fail_next(2, status=503, retry_after=1)  # next two requests: 503
         server.cut_after(1000)                         # next NAR: connection dies after 1000 bytes
         server.corrupt(17)                             # every NAR: byte 17 flipped
-        release = server.stall(after=4096)             # next NAR: hangs after 4 KiB until release.set()
+        release = server.stall(after=4096)             # next NAR: hangs after 4 KiB until
+                                                       #   release.set()
         server.require_bearer("s3cret")                # 401 without that token
         server.hide("*.narinfo")                       # 404 for matching paths
         server.honour_range = False                    # answer Range requests with a full 200
@@ -109,7 +110,7 @@ class _Faults:
 
 
 class CacheServer:
-    """Serve ``root`` over HTTP on ``host`` (port 0, the default: the kernel picks; read ``url``)."""
+    """Serve ``root`` over HTTP on ``host``; port 0 (default) lets the kernel pick: read ``url``."""
 
     def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 0) -> None:
         self.root = root.absolute()
@@ -186,7 +187,7 @@ class CacheServer:
             self._faults.statuses.append(_Fault(match, n, status=status, retry_after=after))
 
     def cut_after(self, nbytes: int, *, match: str = "nar/*", times: int = 1) -> None:
-        """Kill the connection after sending ``nbytes`` of a matching body (Content-Length stays)."""
+        """Kill the connection after ``nbytes`` of a matching body (Content-Length stays whole)."""
         with self._faults.lock:
             self._faults.cuts.append(_Fault(match, times, after=nbytes))
 
@@ -213,7 +214,7 @@ class CacheServer:
                 stall.release.set()
         self._faults = _Faults()
 
-    # --- used by the handler ------------------------------------------------------------------------
+    # --- used by the handler ----------------------------------------------------------------------
 
     def _resolve(self, path: str) -> Path | None:
         with self._faults.lock:
@@ -355,7 +356,7 @@ def _make_handler(server: CacheServer) -> type[http.server.BaseHTTPRequestHandle
     return Handler
 
 
-# --- fixtures and real caches ------------------------------------------------------------------------
+# --- fixtures and real caches ---------------------------------------------------------------------
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -130,7 +131,8 @@ async def test_cache_priority_and_path_prefix(
     assert fetcher.cache_priority == 41
     offer = await locate_offer(fetcher, cache.top)
     assert offer.uri.startswith(f"{server.url}/sub/nar/")
-    assert await read_all(fetcher, offer) == (tmp_path / "www" / "sub" / offer.info.url).read_bytes()
+    nar = (tmp_path / "www" / "sub" / offer.info.url).read_bytes()
+    assert await read_all(fetcher, offer) == nar
 
 
 async def test_absolute_nar_url_is_used_as_is(
@@ -179,7 +181,10 @@ async def test_missing_nar_after_good_narinfo_is_not_available(
 
 
 async def test_narinfo_that_does_not_parse(
-    cache: BuiltCache, serve_cache: Serve, started: Callable[..., Any], caplog: pytest.LogCaptureFixture
+    cache: BuiltCache,
+    serve_cache: Serve,
+    started: Callable[..., Any],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     fetcher = await started(serve_cache(cache.root).url)
     cache.narinfo_file(cache.top).write_text("StorePath: nonsense\n")
@@ -199,7 +204,7 @@ async def test_narinfo_for_another_path(
     assert isinstance(answer, Unavailable) and other in answer.reason
 
 
-# --- starting up -----------------------------------------------------------------------------------
+# --- starting up ----------------------------------------------------------------------------------
 
 
 async def test_store_dir_mismatch_names_both(
@@ -255,7 +260,7 @@ async def test_server_errors_at_start_mark_the_cache_down(
     assert isinstance(answer, Unavailable) and "503" in answer.reason
 
 
-# --- retries and faults on the real server ---------------------------------------------------------
+# --- retries and faults on the real server --------------------------------------------------------
 
 
 async def test_narinfo_retried_through_a_burst_of_errors(
@@ -330,7 +335,7 @@ async def test_stalled_nar_times_out_as_transient(
         release.set()
 
 
-# --- authentication --------------------------------------------------------------------------------
+# --- authentication -------------------------------------------------------------------------------
 
 
 async def test_netrc_file_option(
@@ -369,7 +374,9 @@ async def test_netrc_default_follows_netrc_env_then_home(
     await locate_offer(fetcher, cache.top)
 
 
-async def test_missing_netrc_file_is_a_config_error(tmp_path: Path, started: Callable[..., Any]) -> None:
+async def test_missing_netrc_file_is_a_config_error(
+    tmp_path: Path, started: Callable[..., Any]
+) -> None:
     with pytest.raises(ConfigError, match="netrc-file"):
         await started("http://127.0.0.1:1", netrc_file=tmp_path / "absent")
 
@@ -406,14 +413,12 @@ async def test_bearer_token_file_problems_are_config_errors(
         await started("http://127.0.0.1:1", bearer_token_file=tmp_path / "empty")
 
 
-# --- connection options ----------------------------------------------------------------------------
+# --- connection options ---------------------------------------------------------------------------
 
 
 async def test_max_connections_bounds_the_pool(
     cache: BuiltCache, serve_cache: Serve, started: Callable[..., Any]
 ) -> None:
-    import asyncio
-
     server = serve_cache(cache.root)
     fetcher = await started(server.url, max_connections=1)
     answers = await asyncio.gather(*(fetcher.locate(cache.hash_part(p)) for p in cache.paths * 4))
@@ -432,7 +437,7 @@ async def test_http2_option_works_against_an_http1_server(
     assert fetcher._client.timeout.connect == 1.5
 
 
-# --- options ---------------------------------------------------------------------------------------
+# --- options --------------------------------------------------------------------------------------
 
 
 def test_options_parse_with_defaults() -> None:

@@ -74,8 +74,9 @@ async def test_locate_and_open_every_path(
         assert await read_all(fetcher, offer, len(nar)) == b""
 
 
-async def test_large_file_streams_in_bounded_chunks(tmp_path: Path, started: Callable[..., Any],
-                                                    cache: BuiltCache) -> None:
+async def test_large_file_streams_in_bounded_chunks(
+    tmp_path: Path, started: Callable[..., Any], cache: BuiltCache
+) -> None:
     fetcher = await started(cache.root)
     offer = await locate_offer(fetcher, cache.top)
     big = tmp_path / "big.nar"
@@ -86,7 +87,9 @@ async def test_large_file_streams_in_bounded_chunks(tmp_path: Path, started: Cal
     assert len(chunks) == 4 and max(len(c) for c in chunks) == 1 << 20
 
 
-async def test_missing_path_and_garbage_hash(cache: BuiltCache, started: Callable[..., Any]) -> None:
+async def test_missing_path_and_garbage_hash(
+    cache: BuiltCache, started: Callable[..., Any]
+) -> None:
     fetcher = await started(cache.root)
     answer = await fetcher.locate("0" * 32)
     assert isinstance(answer, Unavailable) and str(cache.root) in answer.reason
@@ -142,7 +145,9 @@ async def test_open_errors(cache: BuiltCache, started: Callable[..., Any]) -> No
     assert file_uri_path("file:///a%20b/c") == Path("/a b/c")
 
 
-async def test_store_dir_mismatch_names_both(cache: BuiltCache, started: Callable[..., Any]) -> None:
+async def test_store_dir_mismatch_names_both(
+    cache: BuiltCache, started: Callable[..., Any]
+) -> None:
     with pytest.raises(ConfigError) as info:
         await started(cache.root, FetcherContext(store_dir="/gnu/store"))
     assert "/gnu/store" in str(info.value) and "/nix/store" in str(info.value)
