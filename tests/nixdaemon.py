@@ -34,11 +34,11 @@ from substituter.store.base import PathInfo
 from tests.conftest import Nix, require_tool
 
 __all__ = [
-    "PrivateDaemon",
-    "private_daemon",
-    "nix_daemon_factory",
     "DumpedPath",
+    "PrivateDaemon",
     "dump_closure",
+    "nix_daemon_factory",
+    "private_daemon",
     "stream_file",
 ]
 
@@ -188,7 +188,9 @@ class DumpedPath:
     nar: Path
 
 
-def dump_closure(nix: Nix, top: str, directory: Path, *, key_file: Path | None = None) -> list[DumpedPath]:
+def dump_closure(
+    nix: Nix, top: str, directory: Path, *, key_file: Path | None = None
+) -> list[DumpedPath]:
     """Dump the closure of ``top`` with ``nix-store --dump``, dependencies first.
 
     With ``key_file`` the paths are signed first (``nix store sign``), so the infos carry

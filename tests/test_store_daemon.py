@@ -5,6 +5,7 @@ nix-daemons (trusted and untrusted) for everything that writes into a store."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,14 +26,11 @@ from substituter.store.daemon_client import (
     Stderr,
     resolve_socket_path,
 )
+from tests import nixdaemon
 from tests.conftest import Nix
-from tests.nixdaemon import (  # noqa: F401 - nix_daemon_factory is a fixture
-    DumpedPath,
-    PrivateDaemon,
-    dump_closure,
-    nix_daemon_factory,
-    stream_file,
-)
+from tests.nixdaemon import DumpedPath, PrivateDaemon, dump_closure, stream_file
+
+nix_daemon_factory = nixdaemon.nix_daemon_factory  # the fixture, by its name here
 
 # ---------------------------------------------------------------------------- pure parts
 
@@ -90,8 +88,6 @@ def test_resolve_socket_path(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_nar_hash_forms_agree() -> None:
     digest = hashlib.sha256(b"nar").digest()
-    import base64
-
     hex_form = digest.hex()
     sri = "sha256-" + base64.b64encode(digest).decode()
     value = int.from_bytes(digest, "little")
@@ -124,7 +120,9 @@ async def test_guard_holds_back_the_last_chunk_until_the_producer_ends() -> None
     info = info_for(b"aabbcc")
     received: list[bytes] = []
     with pytest.raises(RuntimeError, match="late failure"):
-        async for chunk in guarded_nar(info, chunks_then(parts, RuntimeError("late failure")), check_hash=True):
+        async for chunk in guarded_nar(
+            info, chunks_then(parts, RuntimeError("late failure")), check_hash=True
+        ):
             received.append(chunk)
     assert received == [b"aa", b"bb"]  # the final chunk never left
     received = [c async for c in guarded_nar(info, chunks_then(parts, None), check_hash=True)]
@@ -178,7 +176,11 @@ async def serve_fake(tmp_path: Path, version: int, after_handshake: FakeHandler)
 def fields(*values: int | str) -> bytes:
     out = wire.u64(len(values))
     for value in values:
-        out += wire.u64(0) + wire.u64(value) if isinstance(value, int) else wire.u64(1) + wire.string(value)
+        out += (
+            wire.u64(0) + wire.u64(value)
+            if isinstance(value, int)
+            else wire.u64(1) + wire.string(value)
+        )
     return out
 
 
@@ -191,36 +193,50 @@ async def test_handshake_and_every_log_message_against_a_1_39_daemon(tmp_path: P
             path = await r.string()
             assert path.endswith("-x")
             w.write(
-                wire.u64(Stderr.NEXT) + wire.string("\x1b[1mhello\x1b[0m\n")
-                + wire.u64(Stderr.START_ACTIVITY) + wire.u64(7) + wire.u64(3) + wire.u64(100)
-                + wire.string("copying") + fields(1, "two") + wire.u64(0)
-                + wire.u64(Stderr.RESULT) + wire.u64(7) + wire.u64(105) + fields(10, 20)
-                + wire.u64(Stderr.STOP_ACTIVITY) + wire.u64(7)
+                wire.u64(Stderr.NEXT)
+                + wire.string("\x1b[1mhello\x1b[0m\n")
+                + wire.u64(Stderr.START_ACTIVITY)
+                + wire.u64(7)
+                + wire.u64(3)
+                + wire.u64(100)
+                + wire.string("copying")
+                + fields(1, "two")
+                + wire.u64(0)
+                + wire.u64(Stderr.RESULT)
+                + wire.u64(7)
+                + wire.u64(105)
+                + fields(10, 20)
+                + wire.u64(Stderr.STOP_ACTIVITY)
+                + wire.u64(7)
             )
             if len(ops_seen) == 1:
                 w.write(
-                    wire.u64(Stderr.ERROR) + wire.string("Error") + wire.u64(0)
+                    wire.u64(Stderr.ERROR)
+                    + wire.string("Error")
+                    + wire.u64(0)
                     + wire.string("Error")
                     + wire.string("\x1b[31;1merror:\x1b[0m path '\x1b[35;1mx\x1b[0m' is odd")
-                    + wire.u64(0) + wire.u64(1) + wire.u64(0) + wire.string("while \x1b[1mtesting\x1b[0m")
+                    + wire.u64(0)
+                    + wire.u64(1)
+                    + wire.u64(0)
+                    + wire.string("while \x1b[1mtesting\x1b[0m")
                 )
             else:
                 w.write(wire.u64(Stderr.LAST) + wire.u64(1))
             await w.drain()
 
     server = await serve_fake(tmp_path, 0x127, script)
-    async with server:
-        async with await DaemonStore.connect(f"unix://{tmp_path / 'fake.sock'}") as store:
-            assert store.protocol_version == (1, 38)
-            assert store.nix_version == "9.9.9"
-            assert store.trusted is False
-            assert store.features == frozenset()
-            with pytest.raises(StoreError) as refused:
-                await store.is_valid_path("/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x")
-            assert str(refused.value) == "error: path 'x' is odd\nwhile testing"
-            # same connection, still in step after the error
-            assert await store.is_valid_path("/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x")
-            assert store.connection_count == 1
+    async with server, await DaemonStore.connect(f"unix://{tmp_path / 'fake.sock'}") as store:
+        assert store.protocol_version == (1, 38)
+        assert store.nix_version == "9.9.9"
+        assert store.trusted is False
+        assert store.features == frozenset()
+        with pytest.raises(StoreError) as refused:
+            await store.is_valid_path("/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x")
+        assert str(refused.value) == "error: path 'x' is odd\nwhile testing"
+        # same connection, still in step after the error
+        assert await store.is_valid_path("/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x")
+        assert store.connection_count == 1
     assert ops_seen == [Op.IS_VALID_PATH, Op.IS_VALID_PATH]
 
 
@@ -258,17 +274,19 @@ async def test_malformed_paths_never_reach_the_daemon(tmp_path: Path) -> None:
     async def script(r: wire.WireReader, w: asyncio.StreamWriter) -> None:
         await r.u64()  # the client must not send anything: this would hang the test
 
-    async with await serve_fake(tmp_path, 0x122, script):
-        async with await DaemonStore.connect(str(tmp_path / "fake.sock")) as store:
-            with pytest.raises(StorePathError):
-                await store.query_valid_paths(["/nix/store/bad"])
-            with pytest.raises(StorePathError):
-                await store.add_to_store_nar(
-                    replace(info_for(b"x"), references=frozenset({"/tmp/x"})), chunks_then([b"x"], None)
-                )
+    server = await serve_fake(tmp_path, 0x122, script)
+    async with server, await DaemonStore.connect(str(tmp_path / "fake.sock")) as store:
+        with pytest.raises(StorePathError):
+            await store.query_valid_paths(["/nix/store/bad"])
+        with pytest.raises(StorePathError):
+            await store.add_to_store_nar(
+                replace(info_for(b"x"), references=frozenset({"/tmp/x"})),
+                chunks_then([b"x"], None),
+            )
 
 
 # ----------------------------------------------------------------- real private daemons
+
 
 @pytest.fixture
 def closure(nix: Nix, tmp_path: Path) -> list[DumpedPath]:
@@ -285,7 +303,12 @@ def signed_closure(nix: Nix, tmp_path: Path, nix_keys: tuple[Path, Path, str]) -
 def private_store_check(nix: Nix, daemon: PrivateDaemon, paths: list[str]) -> set[str]:
     """The paths ``nix-store --check-validity`` calls valid in the daemon's store."""
     out = nix.text(
-        "nix-store", "--store", str(daemon.store_root), "--check-validity", "--print-invalid", *paths
+        "nix-store",
+        "--store",
+        str(daemon.store_root),
+        "--check-validity",
+        "--print-invalid",
+        *paths,
     )
     return set(paths) - set(out.split())
 
@@ -295,7 +318,9 @@ def assert_landed_intact(nix: Nix, daemon: PrivateDaemon, closure: list[DumpedPa
     assert private_store_check(nix, daemon, paths) == set(paths)
     nix.run("nix-store", "--store", str(daemon.store_root), "--verify-path", *paths)
     for dumped in closure:
-        copy = nix.run("nix-store", "--store", str(daemon.store_root), "--dump", dumped.info.store_path)
+        copy = nix.run(
+            "nix-store", "--store", str(daemon.store_root), "--dump", dumped.info.store_path
+        )
         assert copy == dumped.nar.read_bytes()
 
 
@@ -335,7 +360,9 @@ async def test_add_multiple_to_store(
     daemon = nix_daemon_factory(trusted=True)
     async with await DaemonStore.connect(daemon.store_url) as store:
         # One path already there: Nix 2.8 would lose its place in the stream on it.
-        await store.add_to_store_nar(closure[0].info, stream_file(closure[0].nar), dont_check_sigs=True)
+        await store.add_to_store_nar(
+            closure[0].info, stream_file(closure[0].nar), dont_check_sigs=True
+        )
         await store.add_multiple_to_store(
             [(d.info, stream_file(d.nar)) for d in closure], dont_check_sigs=True
         )
@@ -436,7 +463,9 @@ async def test_producer_failure_leaves_no_partial_path(
     first = closure[0]
     async with await DaemonStore.connect(daemon.store_url) as store:
         with pytest.raises(RuntimeError, match="mid-stream"):
-            await store.add_to_store_nar(first.info, failing_after(first.nar, fraction), dont_check_sigs=True)
+            await store.add_to_store_nar(
+                first.info, failing_after(first.nar, fraction), dont_check_sigs=True
+            )
         # the store reconnects and the daemon still serves
         assert not await store.is_valid_path(first.info.store_path)
         assert store.connection_count == 2
@@ -483,7 +512,9 @@ async def test_cancellation_mid_stream_leaves_no_partial_path(
         yield data[200:]
 
     async with await DaemonStore.connect(daemon.store_url) as store:
-        task = asyncio.create_task(store.add_to_store_nar(first.info, stalls(), dont_check_sigs=True))
+        task = asyncio.create_task(
+            store.add_to_store_nar(first.info, stalls(), dont_check_sigs=True)
+        )
         await started.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -500,7 +531,9 @@ def test_private_daemon_serves_nix_clients(
     daemon = nix_daemon_factory(trusted=True)
     assert daemon.alive()
     ping = subprocess.run(
-        ["nix", "store", "ping", "--store", daemon.store_url], capture_output=True, check=False,
+        ["nix", "store", "ping", "--store", daemon.store_url],
+        capture_output=True,
+        check=False,
         env=daemon.client_env(nix.env),
     )
     assert ping.returncode == 0, ping.stderr

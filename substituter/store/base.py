@@ -24,10 +24,10 @@ __all__ = [
     "PathInfo",
     "Store",
     "StoreItem",
-    "check_store_path",
     "check_path_info",
-    "nar_hash_digest",
+    "check_store_path",
     "guarded_nar",
+    "nar_hash_digest",
     "strip_ansi",
 ]
 

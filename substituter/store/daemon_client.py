@@ -21,6 +21,7 @@ import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from types import TracebackType
+from typing import Self
 
 from substituter.errors import ProtocolError, StoreError
 from substituter.store import wire
@@ -34,7 +35,7 @@ from substituter.store.base import (
     strip_ansi,
 )
 
-__all__ = ["DaemonStore", "DEFAULT_SOCKET", "resolve_socket_path"]
+__all__ = ["DEFAULT_SOCKET", "DaemonStore", "resolve_socket_path"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class Stderr(enum.IntEnum):
 
 _FIELD_INT, _FIELD_STRING = 0, 1
 _TRUSTED_FLAG = {0: None, 1: True, 2: False}
+
 
 def resolve_socket_path(address: str | None) -> str:
     """Map ``None``, ``daemon``, ``unix://PATH[?params]`` or a plain path to a socket path.
@@ -167,7 +169,9 @@ class _Connection:
         try:
             await self.writer.drain()
         except OSError as exc:
-            raise ProtocolError(f"writing to nix-daemon at {self.socket_path} failed: {exc}") from exc
+            raise ProtocolError(
+                f"writing to nix-daemon at {self.socket_path} failed: {exc}"
+            ) from exc
 
     def abort(self) -> None:
         """Drop the connection at once; a NAR in flight is left unterminated."""
@@ -291,7 +295,7 @@ class DaemonStore:
         path = resolve_socket_path(socket_path)
         return cls(path, await _Connection.open(path), store_dir)
 
-    async def __aenter__(self) -> DaemonStore:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(

@@ -24,12 +24,13 @@ import json
 import os
 from collections.abc import AsyncIterable, Iterable, Mapping
 from pathlib import Path
+from typing import Self
 
 from substituter.errors import StoreError
 from substituter.store import wire
 from substituter.store.base import PathInfo, StoreItem, guarded_nar, strip_ansi
 
-__all__ = ["ImportStore", "EXPORT_MAGIC"]
+__all__ = ["EXPORT_MAGIC", "ImportStore"]
 
 EXPORT_MAGIC = 0x4558494E
 
@@ -65,7 +66,7 @@ class ImportStore:
         self._nix_store = str(Path(nix_bin) / "nix-store") if nix_bin else "nix-store"
         self._nix = str(Path(nix_bin) / "nix") if nix_bin else "nix"
 
-    async def __aenter__(self) -> ImportStore:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -98,7 +99,11 @@ class ImportStore:
         if not wanted:
             return set()
         out = await self._run(
-            self._nix_store, "--store", self.root, "--check-validity", "--print-invalid",
+            self._nix_store,
+            "--store",
+            self.root,
+            "--check-validity",
+            "--print-invalid",
             *sorted(wanted),
         )
         return wanted - set(out.split())
@@ -111,8 +116,14 @@ class ImportStore:
         if not await self.is_valid_path(path):
             return None
         out = await self._run(
-            self._nix, "--extra-experimental-features", "nix-command",
-            "path-info", "--json", "--store", self.root, path,
+            self._nix,
+            "--extra-experimental-features",
+            "nix-command",
+            "path-info",
+            "--json",
+            "--store",
+            self.root,
+            path,
         )
         try:
             (entry,) = json.loads(out)
@@ -153,7 +164,10 @@ class ImportStore:
             raise StoreError("nix-store --import cannot repair paths; use a DaemonStore")
         try:
             proc = await asyncio.create_subprocess_exec(
-                self._nix_store, "--store", self.root, "--import",
+                self._nix_store,
+                "--store",
+                self.root,
+                "--import",
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,

@@ -19,17 +19,17 @@ from collections.abc import Iterable
 from substituter.errors import ProtocolError
 
 __all__ = [
-    "MAX_STRING_LENGTH",
-    "MAX_LIST_LENGTH",
     "FRAME_END",
-    "u64",
+    "MAX_LIST_LENGTH",
+    "MAX_STRING_LENGTH",
+    "WireReader",
     "boolean",
     "byte_string",
+    "frame",
     "string",
     "string_list",
     "string_set",
-    "frame",
-    "WireReader",
+    "u64",
 ]
 
 # Bounds checked before allocating: nothing the daemon legitimately sends comes close.
@@ -115,8 +115,7 @@ class WireReader:
         length = await self.u64(what)
         if length > MAX_STRING_LENGTH:
             raise ProtocolError(
-                f"{self._peer} announced {what} of {length} bytes"
-                f" (limit {MAX_STRING_LENGTH})"
+                f"{self._peer} announced {what} of {length} bytes (limit {MAX_STRING_LENGTH})"
             )
         pad = _padding(length)
         data = await self._exactly(length + pad, what)
