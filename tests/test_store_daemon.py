@@ -253,6 +253,34 @@ async def test_unknown_message_type_is_a_protocol_error(tmp_path: Path) -> None:
         with pytest.raises(ProtocolError, match="unknown message type 0x12345678"):
             await store.is_valid_path("/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x")
         await store.close()
+        with pytest.raises(StoreError, match="is closed"):
+            await store.is_valid_path("/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x")
+
+
+@pytest.mark.parametrize("message", [Stderr.READ, Stderr.WRITE])
+async def test_data_requests_are_refused_and_the_store_reconnects(
+    tmp_path: Path, message: Stderr
+) -> None:
+    connections = 0
+
+    async def script(r: wire.WireReader, w: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        assert await r.u64() == Op.IS_VALID_PATH
+        await r.string()
+        if connections == 1:
+            w.write(wire.u64(message) + wire.u64(8))
+        else:
+            w.write(wire.u64(Stderr.LAST) + wire.u64(1))
+        await w.drain()
+        await r.u64()  # until the client hangs up
+
+    server = await serve_fake(tmp_path, 0x122, script)
+    async with server, await DaemonStore.connect(str(tmp_path / "fake.sock")) as store:
+        with pytest.raises(ProtocolError, match=message.name):
+            await store.is_valid_path("/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x")
+        assert await store.is_valid_path("/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x")
+        assert store.connection_count == 2
 
 
 async def test_too_old_daemon_is_refused(tmp_path: Path) -> None:

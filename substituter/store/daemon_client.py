@@ -456,16 +456,22 @@ class DaemonStore:
         Nix does, so neither side blocks on a full socket buffer."""
         reply = asyncio.create_task(conn.read_stderr())
         try:
-            async for piece in _split(chunks):
-                if reply.done():
-                    # The daemon answered before the stream ended: it drains frames only
-                    # up to the end marker, so the stream position is now unknown.
-                    break
-                await conn.send(wire.frame(piece))
-            else:
-                await conn.send(wire.FRAME_END)
-                await reply
-                return
+            try:
+                async for piece in _split(chunks):
+                    if reply.done():
+                        # Answered before the end marker: the stream position is lost.
+                        break
+                    await conn.send(wire.frame(piece))
+                else:
+                    await conn.send(wire.FRAME_END)
+                    await reply
+                    return
+            except ProtocolError:
+                # The daemon hung up (its reader then sees EOF too); its last word, if
+                # any, says why better than a broken pipe does.
+                await asyncio.wait([reply])
+                if not isinstance(reply.exception(), _DaemonError):
+                    raise
             # A plain StoreError (not _DaemonError) makes _operation drop the connection.
             exc = reply.exception()
             if isinstance(exc, _DaemonError):
@@ -477,7 +483,6 @@ class DaemonStore:
         finally:
             if not reply.done():
                 reply.cancel()
-                try:
-                    await reply
-                except (asyncio.CancelledError, StoreError, ProtocolError):
-                    pass  # only waiting for the task to finish; the outer error wins
+                await asyncio.wait([reply])  # the outer error, if any, is the one to report
+            elif not reply.cancelled():
+                reply.exception()  # mark it retrieved: the outcome was handled above
