@@ -11,6 +11,8 @@ That format carries no NarHash, no signatures and no content address, so:
   for stores the caller owns (a chroot DIR, or the local store as root); through a daemon
   prefer :class:`~substituter.store.daemon_client.DaemonStore`, which keeps both.
 - ``repair`` is not expressible and is refused.
+- we stream, but ``nix-store --import`` itself (2.8) holds each NAR in memory before
+  registering it; for very large paths prefer the daemon.
 
 A failure part-way (producer error, mismatch, cancellation) kills the subprocess before the
 failing path's trailer is written, so that path is never registered; paths completed
