@@ -39,6 +39,7 @@ from ._http import (
     is_transient_status,
     retry_after_seconds,
     stream_url,
+    translate_http_error,
 )
 
 __all__ = ["BinaryCacheFetcher", "BinaryCacheOptions", "CacheInfo", "parse_cache_info"]
@@ -50,6 +51,8 @@ MAX_METADATA_BYTES = 1 << 20
 #: Re-probing a down cache starts after this many seconds and doubles up to the maximum.
 PROBE_BACKOFF_START = 1.0
 PROBE_BACKOFF_MAX = 60.0
+#: Longest wait for nix-cache-info once connected (start and re-probes).
+PROBE_READ_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,7 @@ class BinaryCacheFetcher(Fetcher):
             self._client = None
 
     def _auth(self) -> httpx.Auth | None:
+        """netrc credentials for any host they name, then the bearer token (it wins) for ours."""
         opts = self.options
         auths: list[httpx.Auth] = []
         netrc_file = opts.netrc_file or default_netrc()
@@ -228,7 +232,7 @@ class BinaryCacheFetcher(Fetcher):
         """Read nix-cache-info once; a StoreDir mismatch is fatal, unreachability is not."""
         url = self.base_url + "nix-cache-info"
         try:
-            status, body = await self._get_small(url)
+            status, body, _ = await self._get_small(url, self._probe_timeout())
         except FetchError as exc:
             self._mark_down(str(exc))
             return
@@ -252,6 +256,13 @@ class BinaryCacheFetcher(Fetcher):
             log.info("%s: cache %s is reachable again", self.name, self.options.url)
         self._down_reason = None
         self._probe_backoff = PROBE_BACKOFF_START
+
+    def _probe_timeout(self) -> httpx.Timeout:
+        # Startup waits on this probe: a cache that accepts but never answers must not hold the
+        # daemon for a whole stall timeout.
+        opts = self.options
+        read = min(opts.stall_timeout, PROBE_READ_TIMEOUT)
+        return httpx.Timeout(read, connect=opts.connect_timeout)
 
     def _mark_down(self, reason: str) -> None:
         if self._down_reason is None:
@@ -319,7 +330,7 @@ class BinaryCacheFetcher(Fetcher):
             retry_after: float | None = None
             started = self._clock()
             try:
-                status, body, retry_after = await self._get_small_with_headers(url)
+                status, body, retry_after = await self._get_small(url)
             except TransientFetchError as exc:
                 last = exc
             else:
@@ -338,15 +349,14 @@ class BinaryCacheFetcher(Fetcher):
         # A moving average, so one slow answer does not reorder every offer.
         self._latency_ms = ms if self._latency_ms is None else 0.8 * self._latency_ms + 0.2 * ms
 
-    async def _get_small(self, url: str) -> tuple[int, bytes]:
-        status, body, _ = await self._get_small_with_headers(url)
-        return status, body
-
-    async def _get_small_with_headers(self, url: str) -> tuple[int, bytes, float | None]:
-        """GET a metadata file, refusing to buffer more than MAX_METADATA_BYTES."""
+    async def _get_small(
+        self, url: str, timeout: httpx.Timeout | None = None
+    ) -> tuple[int, bytes, float | None]:
+        """GET a metadata file: (status, body, Retry-After); never buffers a runaway body."""
         client = self._require_client()
+        extra = {} if timeout is None else {"timeout": timeout}
         try:
-            async with client.stream("GET", url) as response:
+            async with client.stream("GET", url, **extra) as response:
                 body = bytearray()
                 if response.status_code == 200:
                     async for chunk in response.aiter_bytes():
@@ -355,9 +365,7 @@ class BinaryCacheFetcher(Fetcher):
                             raise FetchError(f"{url}: more than {MAX_METADATA_BYTES} bytes")
                 return response.status_code, bytes(body), retry_after_seconds(response)
         except httpx.HTTPError as exc:
-            if isinstance(exc, httpx.TransportError):
-                raise TransientFetchError(f"{url}: {type(exc).__name__}: {exc}") from exc
-            raise FetchError(f"{url}: {exc}") from exc
+            raise translate_http_error(exc, url) from exc
 
     def _require_client(self) -> httpx.AsyncClient:
         if self._client is None:

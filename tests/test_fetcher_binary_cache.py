@@ -260,6 +260,18 @@ async def test_server_errors_at_start_mark_the_cache_down(
     assert isinstance(answer, Unavailable) and "503" in answer.reason
 
 
+async def test_cache_that_never_answers_does_not_hold_up_start(
+    cache: BuiltCache, serve_cache: Serve, started: Callable[..., Any]
+) -> None:
+    server = serve_cache(cache.root)
+    release = server.stall(after=0, match="nix-cache-info")
+    try:
+        fetcher = await started(server.url, stall_timeout=0.2)
+        assert not fetcher.is_up
+    finally:
+        release.set()
+
+
 # --- retries and faults on the real server --------------------------------------------------------
 
 
@@ -480,3 +492,33 @@ def test_options_parse_with_defaults() -> None:
 def test_bad_option_values_name_the_option(raw: dict[str, Any], option: str) -> None:
     with pytest.raises(ConfigError, match=option):
         parse_options(BinaryCacheOptions, raw, "fetchers[0]")
+
+
+# --- the test server itself ------------------------------------------------------------------------
+
+
+def test_real_nix_copies_from_the_test_server(
+    cache: BuiltCache, nix: Nix, tmp_path: Path, serve_cache: Serve
+) -> None:
+    # Other suites point Nix at CacheServer: it must be a cache Nix itself accepts (HEAD + GET).
+    server = serve_cache(cache.root)
+    store = tmp_path / "chroot-store"
+    nix.run(
+        "nix", "copy", "--from", server.url, "--to", str(store),
+        "--option", "trusted-public-keys", cache.public_key, cache.top,
+    )
+    nix.run("nix-store", "--store", str(store), "--check-validity", *cache.paths)
+    assert {r.status for r in server.requests} <= {200, 206}
+    assert any(path.startswith("nar/") for path in server.paths_requested("GET"))
+
+
+async def test_hidden_paths_are_404(
+    cache: BuiltCache, serve_cache: Serve, started: Callable[..., Any]
+) -> None:
+    server = serve_cache(cache.root)
+    fetcher = await started(server.url)
+    server.hide(f"{cache.hash_part(cache.top)}.narinfo")
+    answer = await fetcher.locate(cache.hash_part(cache.top))
+    assert isinstance(answer, Unavailable) and "404" in answer.reason
+    server.clear_faults()
+    await locate_offer(fetcher, cache.top)

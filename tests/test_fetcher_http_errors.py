@@ -11,6 +11,7 @@ import email.utils
 import gzip
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -345,6 +346,19 @@ async def test_use_before_start_is_a_plugin_error() -> None:
     fetcher = BinaryCacheFetcher("idle", BinaryCacheOptions(url=BASE))
     with pytest.raises(PluginError, match="before start"):
         await read_all(fetcher, an_offer())
+
+
+async def test_bearer_token_wins_over_netrc(router: respx.MockRouter, tmp_path: Path) -> None:
+    netrc, token = tmp_path / "netrc", tmp_path / "token"
+    netrc.write_text("machine 127.0.0.1 login u password p\n")
+    token.write_text("bearer-secret")
+    route = router.get(f"/{HASH}.narinfo").respond(200, text=NARINFO)
+    fetcher = await make_fetcher(netrc_file=netrc, bearer_token_file=token)
+    try:
+        assert isinstance(await fetcher.locate(HASH), Offer)
+        assert route.calls.last.request.headers["Authorization"] == "Bearer bearer-secret"
+    finally:
+        await fetcher.stop()
 
 
 # --- the helpers ----------------------------------------------------------------------------------
