@@ -190,7 +190,11 @@ class BinaryCacheFetcher(Fetcher):
             ),
             follow_redirects=True,
         )
-        await self._probe()
+        try:
+            await self._probe()
+        except BaseException:
+            await self.stop()  # a fetcher that failed to start holds no connections
+            raise
 
     async def stop(self) -> None:
         if self._client is not None:
@@ -354,9 +358,10 @@ class BinaryCacheFetcher(Fetcher):
     ) -> tuple[int, bytes, float | None]:
         """GET a metadata file: (status, body, Retry-After); never buffers a runaway body."""
         client = self._require_client()
-        extra = {} if timeout is None else {"timeout": timeout}
         try:
-            async with client.stream("GET", url, **extra) as response:
+            async with client.stream(
+                "GET", url, timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout
+            ) as response:
                 body = bytearray()
                 if response.status_code == 200:
                     async for chunk in response.aiter_bytes():
