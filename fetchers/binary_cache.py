@@ -29,7 +29,7 @@ from substituter.errors import (
 )
 from substituter.nix.narinfo import NarInfo
 from substituter.nix.store_path import validate_hash_part
-from substituter.plugin import Answer, Fetcher, FetcherContext, Offer, Unavailable
+from substituter.plugin import Answer, Fetcher, FetcherContext, Offer, Unavailable, UriOpener
 
 from ._http import (
     BearerAuth,
@@ -372,6 +372,10 @@ class BinaryCacheFetcher(Fetcher):
         except httpx.HTTPError as exc:
             raise translate_http_error(exc, url) from exc
 
+    @classmethod
+    def opener(cls, context: FetcherContext) -> UriOpener:
+        return HttpOpener()
+
     def _require_client(self) -> httpx.AsyncClient:
         if self._client is None:
             raise PluginError(f"{self.name}: used before start() or after stop()")
@@ -390,4 +394,32 @@ class BinaryCacheFetcher(Fetcher):
             return
         client = self._require_client()
         async for chunk in stream_url(client, offer.uri, offset, self.options.stall_timeout):
+            yield chunk
+
+
+class HttpOpener(UriOpener):
+    """Opens any http(s) URI with default settings: for offers from out-of-process fetchers."""
+
+    def __init__(self, stall_timeout: float = 30.0, connect_timeout: float = 3.0) -> None:
+        self.stall_timeout = stall_timeout
+        self.connect_timeout = connect_timeout
+        self._client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(
+            http2=True, follow_redirects=True,
+            timeout=httpx.Timeout(self.stall_timeout, connect=self.connect_timeout),
+        )
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def open(self, offer: Offer, offset: int = 0) -> AsyncIterator[bytes]:
+        if self._client is None:
+            raise PluginError("HttpOpener used before start() or after stop()")
+        if urlsplit(offer.uri).scheme not in BinaryCacheFetcher.schemes:
+            raise FetchError(f"cannot open {offer.uri!r}: not an http(s) URI")
+        async for chunk in stream_url(self._client, offer.uri, offset, self.stall_timeout):
             yield chunk

@@ -140,8 +140,14 @@ class LocalMirrorFetcher(Fetcher):
         return candidate if candidate.is_relative_to(self.root) else None
 
     async def open(self, offer: Offer, offset: int = 0) -> AsyncIterator[bytes]:
-        """Stream a local file from ``offset`` in 1 MiB reads, off the event loop."""
+        """Stream a local file from ``offset`` in 1 MiB reads, off the event loop.
+
+        Only files under this mirror are opened: the broker routes offers by fetcher name, and a
+        peer on the dataspace must not be able to make the daemon read other local files.
+        """
         path = file_uri_path(offer.uri)
+        if not os.path.realpath(path).startswith(os.path.realpath(self.root) + os.sep):
+            raise NotAvailable(f"{self.name}: {path} is not inside {self.root}")
         loop = asyncio.get_running_loop()
         try:
             fd = await loop.run_in_executor(None, os.open, path, os.O_RDONLY | os.O_CLOEXEC)

@@ -15,8 +15,10 @@ registered there exactly like third-party ones.  A plugin class declares:
 
 * ``kind``: the name used in config (``type = "binary-cache"``);
 * ``Options``: a dataclass of its options (validated from config, listed by ``substituter plugins``);
-* ``schemes``: URI schemes its ``open`` understands, so the daemon can open offers made by
-  out-of-process fetchers of the same kind.
+* ``schemes``: URI schemes its ``open`` understands;
+* optionally ``opener(context)``: a standalone :class:`UriOpener` for those schemes, which is how a
+  plugin teaches the daemon to open URIs offered by out-of-process fetchers when no fetcher of
+  that kind is configured in process.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ __all__ = [
     "Answer",
     "Fetcher",
     "FetcherContext",
+    "UriOpener",
     "FunctionFetcher",
     "NoOptions",
     "ENTRY_POINT_GROUP",
@@ -96,6 +99,20 @@ class FetcherContext:
     state_dir: Path | None = None
 
 
+class UriOpener(abc.ABC):
+    """Opens URIs of some schemes without being a configured fetcher (see ``Fetcher.opener``)."""
+
+    async def start(self) -> None:
+        """Acquire resources."""
+
+    async def stop(self) -> None:
+        """Release resources."""
+
+    @abc.abstractmethod
+    def open(self, offer: Offer, offset: int = 0) -> AsyncIterator[bytes]:
+        """Yield the offered file's bytes from ``offset`` on."""
+
+
 @dataclass(frozen=True)
 class NoOptions:
     """For fetchers without options."""
@@ -140,6 +157,12 @@ class Fetcher(abc.ABC):
     def describe(self) -> str:
         """Where this fetcher gets paths from, for status displays (e.g. a URL or directory)."""
         return self.kind
+
+    @classmethod
+    def opener(cls, context: FetcherContext) -> UriOpener | None:
+        """A standalone opener for ``schemes`` (None: offers of these schemes need a configured
+        fetcher of this kind in process)."""
+        return None
 
 
 LocateFn = Callable[[str], Awaitable[Answer]]

@@ -79,12 +79,24 @@ async def test_large_file_streams_in_bounded_chunks(
 ) -> None:
     fetcher = await started(cache.root)
     offer = await locate_offer(fetcher, cache.top)
-    big = tmp_path / "big.nar"
+    big = cache.root / "nar" / "big.nar"
     data = os.urandom(3 * (1 << 20) + 12345)
     big.write_bytes(data)
     chunks = [c async for c in fetcher.open(Offer(info=offer.info, uri=big.as_uri()), 1000)]
     assert b"".join(chunks) == data[1000:]
     assert len(chunks) == 4 and max(len(c) for c in chunks) == 1 << 20
+
+
+async def test_open_refuses_files_outside_the_mirror(
+    tmp_path: Path, started: Callable[..., Any], cache: BuiltCache
+) -> None:
+    fetcher = await started(cache.root)
+    offer = await locate_offer(fetcher, cache.top)
+    outside = tmp_path / "secret"
+    outside.write_bytes(b"not yours")
+    for uri in (outside.as_uri(), (cache.root / ".." / "secret").as_uri()):
+        with pytest.raises(NotAvailable, match="not inside"):
+            [c async for c in fetcher.open(Offer(info=offer.info, uri=uri))]
 
 
 async def test_missing_path_and_garbage_hash(
