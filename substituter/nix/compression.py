@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 SUPPORTED = ("none", "xz", "zstd", "bzip2", "br")
-_STEP = 1024 * 1024  # largest piece of output requested from a library at once
+_STEP = 256 * 1024  # largest piece of output requested from a library at once
 
 
 class Decompressor(Protocol):
@@ -175,9 +175,18 @@ class _BrotliDecoder:
         return b"".join(out)
 
     def flush(self) -> bytes:
+        out: list[bytes] = []
+        try:  # the decoder may still hold input it accepted but has not expanded yet
+            while not self._decoder.is_finished():
+                chunk = self._decoder.process(b"", output_buffer_limit=_STEP)
+                if not chunk:
+                    break
+                self._budget.take(chunk, out)
+        except brotli.error as exc:
+            raise CompressionError(f"corrupt br data: {exc}") from exc
         if not self._decoder.is_finished():
             raise CompressionError("br stream is truncated")
-        return b""
+        return b"".join(out)
 
 
 class _Collector:
