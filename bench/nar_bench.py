@@ -53,6 +53,7 @@ COMPRESSED_READ = 16 << 10
 
 # -- worker: one measurement in its own process ---------------------------------------
 
+
 def worker(mode: str, path: str, codec: str, sha256_hex: str, size: int, out: str) -> None:
     start = time.perf_counter()
     if mode == "hash-path":
@@ -97,6 +98,7 @@ def run_worker(mode: str, path: Path, codec: str, sha: str, size: int, out: Path
 
 
 # -- setup --------------------------------------------------------------------------------
+
 
 def make_tree(root: Path, total: int) -> None:
     root.mkdir()
@@ -178,8 +180,13 @@ def bench(work: Path, total: int, env: dict[str, str]) -> None:
     print(f"NAR: {size / 2**20:.0f} MiB (half random, half text), sha256 {sha[:16]}…\n")
 
     store = work / "store"
-    out = subprocess.run(["nix", "store", "add-path", "--store", str(store), str(tree)],
-                         env=env, check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        ["nix", "store", "add-path", "--store", str(store), str(tree)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     store_path = out.stdout.strip()
 
     caches: dict[str, Path] = {}
@@ -188,8 +195,16 @@ def bench(work: Path, total: int, env: dict[str, str]) -> None:
         if codec == "br":
             brotli_cache(caches["none"], cache, store_path)
         else:
-            nix(env, "nix", "copy", "--from", str(store), "--to",
-                f"file://{cache}?compression={codec}", store_path)
+            nix(
+                env,
+                "nix",
+                "copy",
+                "--from",
+                str(store),
+                "--to",
+                f"file://{cache}?compression={codec}",
+                store_path,
+            )
         caches[codec] = cache
 
     rows = []
@@ -199,16 +214,29 @@ def bench(work: Path, total: int, env: dict[str, str]) -> None:
         blob = caches[codec] / url
         verify = run_worker("verify", blob, codec, sha, size, work / "unused")
         ours_restore = run_worker("restore", blob, codec, sha, size, work / f"ours-{codec}")
-        nix_copy = nix(env, "nix", "copy", "--no-check-sigs", "--from", f"file://{caches[codec]}",
-                       "--to", str(work / f"nixstore-{codec}"), store_path)
+        nix_copy = nix(
+            env,
+            "nix",
+            "copy",
+            "--no-check-sigs",
+            "--from",
+            f"file://{caches[codec]}",
+            "--to",
+            str(work / f"nixstore-{codec}"),
+            store_path,
+        )
         rows.append((codec, blob.stat().st_size, verify, ours_restore, nix_copy))
 
-    print(f"{'compression':<11} {'file MiB':>8} {'verify GB/s':>11} {'RSS MiB':>7} "
-          f"{'restore s':>9} {'RSS MiB':>7} {'nix copy s':>10} {'ours/nix':>8}")
+    print(
+        f"{'compression':<11} {'file MiB':>8} {'verify GB/s':>11} {'RSS MiB':>7} "
+        f"{'restore s':>9} {'RSS MiB':>7} {'nix copy s':>10} {'ours/nix':>8}"
+    )
     for codec, fsize, verify, restore_, nix_copy in rows:
-        print(f"{codec:<11} {fsize / 2**20:>8.0f} {size / verify['seconds'] / 1e9:>11.2f} "
-              f"{verify['rss_mib']:>7.0f} {restore_['seconds']:>9.2f} {restore_['rss_mib']:>7.0f} "
-              f"{nix_copy:>10.2f} {restore_['seconds'] / nix_copy:>8.2f}")
+        print(
+            f"{codec:<11} {fsize / 2**20:>8.0f} {size / verify['seconds'] / 1e9:>11.2f} "
+            f"{verify['rss_mib']:>7.0f} {restore_['seconds']:>9.2f} {restore_['rss_mib']:>7.0f} "
+            f"{nix_copy:>10.2f} {restore_['seconds'] / nix_copy:>8.2f}"
+        )
 
     ours_raw = run_worker("restore", nar, "none", sha, size, work / "ours-raw")
     nix_raw = nix(env, "nix-store", "--restore", str(work / "nix-raw"), stdin=nar)
@@ -220,8 +248,10 @@ def bench(work: Path, total: int, env: dict[str, str]) -> None:
         ("restore raw NAR (nix-store --restore)", ours_raw, nix_raw),
         ("dump + sha256 (nix hash path)", ours_hash, nix_hash),
     ]:
-        print(f"{task:<34} {ours['seconds']:>7.2f} {theirs:>7.2f} "
-              f"{ours['seconds'] / theirs:>8.2f} {ours['rss_mib']:>11.0f}")
+        print(
+            f"{task:<34} {ours['seconds']:>7.2f} {theirs:>7.2f} "
+            f"{ours['seconds'] / theirs:>8.2f} {ours['rss_mib']:>11.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -22,9 +22,7 @@ SAMPLE = os.urandom(200_000) + TEXT
 
 def encode(name: str, data: bytes, level: int | None = None) -> bytes:
     enc = compressor(name, 5 if name == "br" and level is None else level)  # br 11 is slow
-    return b"".join(enc.compress(data[i : i + 65536]) for i in range(0, len(data), 65536)) + (
-        enc.flush()
-    )
+    return b"".join(enc.compress(data[i : i + 65536]) for i in range(0, len(data), 65536)) + (enc.flush())
 
 
 def decode(name: str, blob: bytes, chunk: int = 4096, max_output: int | None = None) -> bytes:
@@ -110,8 +108,9 @@ def zeros_compressed(name: str, total: int) -> Iterator[bytes]:
     yield enc.flush()
 
 
-@pytest.mark.parametrize(("name", "total"), [("zstd", 1 << 30), ("xz", 64 << 20),
-                                             ("bzip2", 64 << 20), ("br", 64 << 20)])
+@pytest.mark.parametrize(
+    ("name", "total"), [("zstd", 1 << 30), ("xz", 64 << 20), ("bzip2", 64 << 20), ("br", 64 << 20)]
+)
 def test_bomb_stops_at_max_output_without_big_allocations(name: str, total: int) -> None:
     bomb = b"".join(zeros_compressed(name, total))
     assert len(bomb) < total // 100
@@ -128,6 +127,7 @@ def test_bomb_stops_at_max_output_without_big_allocations(name: str, total: int)
 
 
 # -- real Nix: files made by `nix copy --to file://…?compression=X` ------------------------
+
 
 def narinfo_fields(text: str) -> dict[str, str]:
     fields: dict[str, str] = {}
@@ -155,9 +155,7 @@ def data_path(nix: Nix) -> str:
 
 @pytest.mark.nix
 @pytest.mark.parametrize("name", ["xz", "zstd", "bzip2", "br", "none"])
-def test_nix_made_files_decode_to_the_signed_nar(
-    nix: Nix, tmp_path: Path, data_path: str, name: str
-) -> None:
+def test_nix_made_files_decode_to_the_signed_nar(nix: Nix, tmp_path: Path, data_path: str, name: str) -> None:
     cache = tmp_path / "cache"
     nix.run("nix", "copy", "--to", f"file://{cache}?compression={name}", data_path)
     hash_part = Path(data_path).name.split("-")[0]
@@ -170,7 +168,5 @@ def test_nix_made_files_decode_to_the_signed_nar(
     parser.feed(nar)
     result = parser.finish()
     assert result.nar_size == nar_size
-    expected_hex = nix.text(
-        "nix-hash", "--type", "sha256", "--to-base16", info["NarHash"].split(":")[1]
-    )
+    expected_hex = nix.text("nix-hash", "--type", "sha256", "--to-base16", info["NarHash"].split(":")[1])
     assert hashlib.sha256(nar).hexdigest() == expected_hex == result.nar_hash.hex()

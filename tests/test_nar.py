@@ -202,8 +202,9 @@ def file_node(contents: bytes = b"hi") -> bytes:
 
 
 def directory(*entries: tuple[bytes, bytes]) -> bytes:
-    body = b"".join(tokens(b"entry", b"(", b"name", n) + nar_string(b"node") + node
-                    + tokens(b")") for n, node in entries)
+    body = b"".join(
+        tokens(b"entry", b"(", b"name", n) + nar_string(b"node") + node + tokens(b")") for n, node in entries
+    )
     return tokens(b"(", b"type", b"directory") + body + tokens(b")")
 
 
@@ -237,18 +238,20 @@ BAD_NARS: dict[str, tuple[Callable[[], bytes], str]] = {
     "node without 'type'": (lambda: MAGIC + tokens(b"(", b"regular"), "expected 'type'"),
     "unknown type": (lambda: MAGIC + tokens(b"(", b"type", b"fifo", b")"), "unknown node type"),
     "executable after contents": (
-        lambda: MAGIC + tokens(b"(", b"type", b"regular", b"contents", b"x", b"executable", b"",
-                               b")"),
+        lambda: MAGIC + tokens(b"(", b"type", b"regular", b"contents", b"x", b"executable", b"", b")"),
         "'executable' after 'contents'",
     ),
     "executable twice": (
-        lambda: MAGIC + tokens(b"(", b"type", b"regular", b"executable", b"", b"executable", b"",
-                               b"contents", b"x", b")"),
+        lambda: (
+            MAGIC
+            + tokens(
+                b"(", b"type", b"regular", b"executable", b"", b"executable", b"", b"contents", b"x", b")"
+            )
+        ),
         "'executable' twice",
     ),
     "executable marker not empty": (
-        lambda: MAGIC + tokens(b"(", b"type", b"regular", b"executable", b"yes", b"contents",
-                               b"x", b")"),
+        lambda: MAGIC + tokens(b"(", b"type", b"regular", b"executable", b"yes", b"contents", b"x", b")"),
         "executable marker must be the empty string",
     ),
     "regular without contents": (
@@ -256,13 +259,11 @@ BAD_NARS: dict[str, tuple[Callable[[], bytes], str]] = {
         "has no 'contents'",
     ),
     "second contents": (
-        lambda: MAGIC + tokens(b"(", b"type", b"regular", b"contents", b"x", b"contents", b"y",
-                               b")"),
+        lambda: MAGIC + tokens(b"(", b"type", b"regular", b"contents", b"x", b"contents", b"y", b")"),
         "a second 'contents'",
     ),
     "second type": (
-        lambda: MAGIC + tokens(b"(", b"type", b"symlink", b"target", b"x", b"type", b"regular",
-                               b")"),
+        lambda: MAGIC + tokens(b"(", b"type", b"symlink", b"target", b"x", b"type", b"regular", b")"),
         "a second 'type'",
     ),
     "symlink without target": (
@@ -312,13 +313,16 @@ BAD_NARS: dict[str, tuple[Callable[[], bytes], str]] = {
         "expected 'name' first in an entry",
     ),
     "entry without node": (
-        lambda: MAGIC + tokens(b"(", b"type", b"directory", b"entry", b"(", b"name", b"a",
-                               b"(", b"type"),
+        lambda: MAGIC + tokens(b"(", b"type", b"directory", b"entry", b"(", b"name", b"a", b"(", b"type"),
         "expected 'node' after the entry name",
     ),
     "entry not closed": (
-        lambda: MAGIC + tokens(b"(", b"type", b"directory", b"entry", b"(", b"name", b"a",
-                               b"node") + file_node() + tokens(b"entry"),
+        lambda: (
+            MAGIC
+            + tokens(b"(", b"type", b"directory", b"entry", b"(", b"name", b"a", b"node")
+            + file_node()
+            + tokens(b"entry")
+        ),
         "expected ')' to close an entry",
     ),
     "too deep": (lambda: MAGIC + nested(64), "nesting depth 64 reaches the limit of 64"),

@@ -91,6 +91,7 @@ def test_restore_refuses_an_existing_target(tmp_path: Path) -> None:
 
 # -- attacks --------------------------------------------------------------------------
 
+
 def entry(name: bytes, node: bytes) -> bytes:
     return tokens(b"entry", b"(", b"name", name) + nar_string(b"node") + node + tokens(b")")
 
@@ -111,7 +112,8 @@ ATTACKS = {
     "nul": MAGIC + directory((b"a\0b", file_node(b"pwned"))),
     "duplicate": MAGIC + directory((b"a", file_node(b"one")), (b"a", file_node(b"two"))),
     # a symlink to the outside, then the same name again as a directory to write through it
-    "write-through-symlink": MAGIC + unsorted_directory(
+    "write-through-symlink": MAGIC
+    + unsorted_directory(
         entry(b"a", symlink_node(b"OUTSIDE")),
         entry(b"a", directory((b"pwned", file_node(b"pwned")))),
     ),
@@ -211,8 +213,9 @@ def build(path: bytes, node: tuple[object, ...]) -> None:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tree=trees)
-def test_round_trip_is_the_identity(tmp_path_factory: pytest.TempPathFactory,
-                                    tree: tuple[object, ...]) -> None:
+def test_round_trip_is_the_identity(
+    tmp_path_factory: pytest.TempPathFactory, tree: tuple[object, ...]
+) -> None:
     base = tmp_path_factory.mktemp("rt")
     src = base / "src"
     build(os.fsencode(src), tree)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import bz2
 import lzma
 from collections.abc import Callable, Generator
-from typing import Protocol
+from typing import IO, Protocol, cast
 
-import brotli
+import brotli  # type: ignore[import-untyped]  # ships no type hints
 import zstandard
 
 from substituter.errors import CompressionError, SizeMismatch
@@ -50,9 +50,7 @@ def normalize(name: str | None) -> str:
     if not name:
         return "bzip2"
     if name not in SUPPORTED:
-        raise CompressionError(
-            f"unsupported compression {name!r}; supported: {', '.join(SUPPORTED)}"
-        )
+        raise CompressionError(f"unsupported compression {name!r}; supported: {', '.join(SUPPORTED)}")
     return name
 
 
@@ -99,9 +97,7 @@ class _Budget:
     def take(self, chunk: bytes, out: list[bytes]) -> None:
         self.produced += len(chunk)
         if self.max_output is not None and self.produced > self.max_output:
-            raise SizeMismatch(
-                f"{self.name} output exceeds the limit of {self.max_output} bytes"
-            )
+            raise SizeMismatch(f"{self.name} output exceeds the limit of {self.max_output} bytes")
         if chunk:
             out.append(chunk)
 
@@ -212,7 +208,7 @@ class _ZstdDecoder:
     def __init__(self, max_output: int | None) -> None:
         self._collector = _Collector(_Budget("zstd", max_output))
         self._writer = zstandard.ZstdDecompressor().stream_writer(
-            self._collector, write_size=_STEP, closefd=False
+            cast(IO[bytes], self._collector), write_size=_STEP, closefd=False
         )
         self._frames = _ZstdFrames()
 
@@ -343,7 +339,7 @@ class _BrotliEncoder:
         self._encoder = encoder
 
     def compress(self, data: bytes) -> bytes:
-        return self._encoder.process(data)
+        return cast(bytes, self._encoder.process(data))
 
     def flush(self) -> bytes:
-        return self._encoder.finish()
+        return cast(bytes, self._encoder.finish())

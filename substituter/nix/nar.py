@@ -347,9 +347,7 @@ class NarVerifier(NarParser):
     or hashed; a short stream or a different sha256 is reported by ``finish()``.
     """
 
-    def __init__(
-        self, expected_sha256: bytes, expected_size: int, sink: NarSink | None = None
-    ) -> None:
+    def __init__(self, expected_sha256: bytes, expected_size: int, sink: NarSink | None = None) -> None:
         if len(expected_sha256) != 32:
             raise ValueError(f"expected a 32-byte sha256 digest, got {len(expected_sha256)} bytes")
         self.expected_sha256 = expected_sha256
@@ -366,9 +364,7 @@ class NarVerifier(NarParser):
 
     def finish(self) -> NarResult:
         if self.nar_size != self.expected_size:
-            raise SizeMismatch(
-                f"NAR is {self.nar_size} bytes, shorter than its NarSize {self.expected_size}"
-            )
+            raise SizeMismatch(f"NAR is {self.nar_size} bytes, shorter than its NarSize {self.expected_size}")
         result = super().finish()
         if result.nar_hash != self.expected_sha256:
             raise HashMismatch(

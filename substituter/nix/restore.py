@@ -42,9 +42,7 @@ class RestoreSink:
         self.target = Path(target)
         if os.path.lexists(self.target):
             raise FileExistsError(f"restore target {self.target} already exists")
-        self._tmp = Path(
-            tempfile.mkdtemp(prefix=f".{self.target.name}.restore-", dir=self.target.parent)
-        )
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.restore-", dir=self.target.parent))
         self._dirs = [os.open(self._tmp, _DIR_FLAGS)]  # innermost open directory last
         self._name: bytes | None = _ROOT  # name for the next node, in self._dirs[-1]
         self._file: int | None = None
