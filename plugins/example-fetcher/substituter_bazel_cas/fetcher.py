@@ -20,7 +20,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-
 from substituter.errors import (
     ConfigError,
     FetchError,
@@ -45,7 +44,7 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 @dataclass(frozen=True)
 class BazelCasOptions:
     url: str = field(
-        metadata={"help": "base URL of the Bazel remote cache; NARs are GET {url}/cas/<NarHash hex>"}
+        metadata={"help": "base URL of the Bazel remote cache; NARs are {url}/cas/<NarHash hex>"}
     )
     index_url: str | None = field(
         default=None,
@@ -71,11 +70,15 @@ class BazelCasOptions:
                 continue
             parts = urlsplit(value)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"option {option!r} must be an http:// or https:// URL, got {value!r}")
+                raise ValueError(
+                    f"option {option!r} must be an http:// or https:// URL, got {value!r}"
+                )
         if self.index_url is not None and self.index_dir is not None:
             raise ValueError("set option 'index-url' or 'index-dir', not both")
         if not self.timeout > 0:
-            raise ValueError(f"option 'timeout' must be a positive number of seconds, got {self.timeout}")
+            raise ValueError(
+                f"option 'timeout' must be a positive number of seconds, got {self.timeout}"
+            )
 
 
 class BazelCasFetcher(Fetcher):
@@ -162,7 +165,9 @@ class BazelCasFetcher(Fetcher):
                 async for chunk in response.aiter_bytes():
                     body += chunk
                     if len(body) > MAX_NARINFO_BYTES:
-                        return Unavailable(f"{url} is over {MAX_NARINFO_BYTES} bytes: not a narinfo")
+                        return Unavailable(
+                            f"{url} is over {MAX_NARINFO_BYTES} bytes: not a narinfo"
+                        )
                 return bytes(body)
         except httpx.HTTPError as exc:
             raise _translate(exc, url) from exc
@@ -189,7 +194,9 @@ class BazelCasFetcher(Fetcher):
             return Unavailable(f"the CAS answered HTTP {response.status_code} for {uri}")
         length = response.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) != nar_size:
-            return Unavailable(f"{uri} holds {length} bytes, but the narinfo says NarSize {nar_size}")
+            return Unavailable(
+                f"{uri} holds {length} bytes, but the narinfo says NarSize {nar_size}"
+            )
         return None
 
     # --- open ---------------------------------------------------------------------------------

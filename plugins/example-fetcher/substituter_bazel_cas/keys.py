@@ -15,7 +15,7 @@ import hashlib
 from substituter.errors import FormatError
 from substituter.nix.hashes import Hash
 
-__all__ = ["cas_key", "index_key", "cas_url", "index_url"]
+__all__ = ["cas_key", "cas_url", "index_key", "index_url"]
 
 
 def cas_key(nar_hash: Hash) -> str:

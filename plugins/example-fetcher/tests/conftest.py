@@ -13,20 +13,19 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-
 from cas_server import CasServer
 from substituter.nix.narinfo import NarInfo
+
 from substituter_bazel_cas import index_key
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-NIX_CONFIG = "\n".join(
-    [
-        "experimental-features = nix-command",
-        "sandbox = false",
-        "build-users-group =",
-        "substituters =",
-    ]
-)
+# Private settings: no sandbox or build users (tests may run unprivileged), no substituters.
+NIX_CONFIG = """\
+experimental-features = nix-command
+sandbox = false
+build-users-group =
+substituters =
+"""
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -76,7 +75,8 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
         f"""
         let dep = derivation {{
           name = "bazel-cas-dep"; system = builtins.currentSystem; builder = "/bin/sh";
-          args = [ "-c" "mkdir -p $out/bin; echo {stamp} > $out/data; printf '#!/bin/sh' > $out/bin/x; chmod +x $out/bin/x; ln -s data $out/link" ];
+          args = [ "-c" "mkdir -p $out/bin; echo {stamp} > $out/data; ln -s data $out/link;
+                         printf '#!/bin/sh' > $out/bin/x; chmod +x $out/bin/x" ];
           PATH = "/usr/bin:/bin";
         }};
         in derivation {{
@@ -89,7 +89,8 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
     top = run(env, "nix-build", str(expr), "--no-out-link").decode().strip()
     paths = run(env, "nix-store", "-qR", top).decode().split()
     sk, pk = tmp / "sk", tmp / "pk"
-    run(env, "nix-store", "--generate-binary-cache-key", f"bazel-cas-test-{stamp}", str(sk), str(pk))
+    key_name = f"bazel-cas-test-{stamp}"
+    run(env, "nix-store", "--generate-binary-cache-key", key_name, str(sk), str(pk))
     index_dir = tmp / "index"
     # Real Nix writes and signs the narinfos; the NAR files it writes beside them are not used.
     run(env, "nix", "copy", "--to", f"file://{index_dir}?compression=none&secret-key={sk}", *paths)

@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from cas_server import CasServer
 from conftest import Published, hash_part, serving
 from substituter.errors import ConfigError, NotAvailable, TransientFetchError
 from substituter.nix.hashes import Hash
 from substituter.nix.signing import PublicKey, verify_narinfo
 from substituter.plugin import Offer, Unavailable, load_fetcher_type, parse_options
+
 from substituter_bazel_cas import BazelCasFetcher, BazelCasOptions, index_key
 
 pytestmark = pytest.mark.nix
