@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import shutil
@@ -23,18 +24,23 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from substituter.errors import ConfigError
+from substituter.plugin import Fetcher, Offer, Unavailable, parse_options
+
 from .cache_server import CacheServer, build_cache
 from .conftest import Nix
+from .helpers import make_info, make_nar
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "plugins" / "example-fetcher"
 DISTRIBUTION = "substituter-example-fetcher"
+HASH = "0" * 32
 
-pytestmark = pytest.mark.slow
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 #: The example's build backend, which pip must find in the test venv to build offline.
 BUILD_BACKEND = "setuptools"
@@ -109,6 +115,7 @@ def test_example_is_not_installed_in_the_project_venv() -> None:
     assert "bazel-cas" not in listing
 
 
+@pytest.mark.slow
 def test_plugins_lists_the_installed_example(plugin_venv: PluginVenv) -> None:
     result = plugin_venv.run("-m", "substituter", "plugins")
     assert result.returncode == 0, result.stderr
@@ -126,12 +133,14 @@ def test_plugins_lists_the_installed_example(plugin_venv: PluginVenv) -> None:
                for line in listing.splitlines())
 
 
+@pytest.mark.slow
 def test_plugin_is_imported_from_the_install_not_the_source(plugin_venv: PluginVenv) -> None:
     result = plugin_venv.run("-c", "import substituter_bazel_cas as m; print(m.__file__)")
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()).is_relative_to(plugin_venv.root)
 
 
+@pytest.mark.slow
 @pytest.mark.nix
 def test_the_examples_own_tests_pass_in_that_venv(plugin_venv: PluginVenv, nix_env: dict[str, str],
                                                   tmp_path: Path) -> None:
@@ -210,6 +219,7 @@ def _daemon_is_committed() -> bool:
     return bool(result.stdout.strip())
 
 
+@pytest.mark.slow
 @pytest.mark.nix
 @pytest.mark.xfail(not _daemon_is_committed(), strict=False,
                    reason="substituter/daemon.py is not committed yet (work in progress by the lead)")
@@ -236,3 +246,46 @@ def test_daemon_from_that_venv_serves_nix_through_bazel_cas(
         # The bytes came out of the CAS, through the plugin.
         blobs = [p for p in cas.paths_requested("GET") if p.startswith("cas/")]
         assert len(blobs) >= len(built.paths), cas.paths_requested("GET")
+
+
+# --- the guide's own example -------------------------------------------------------------------
+
+
+def guide_example_source() -> str:
+    """The Python block under "A complete example" in plugins/README.md."""
+    guide = (REPO / "plugins" / "README.md").read_text()
+    section = guide.split("## A complete example", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+async def test_the_guides_complete_example_runs_as_printed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "guide_example.py"
+    source.write_text(guide_example_source())
+    spec = importlib.util.spec_from_file_location("guide_example", source)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "guide_example", module)  # dataclasses look it up there
+    spec.loader.exec_module(module)
+    fetcher_cls: Any = module.FlatDirFetcher
+    assert issubclass(fetcher_cls, Fetcher) and fetcher_cls.kind == "flat-dir"
+
+    nar = make_nar(tmp_path / "tree")
+    info = make_info(nar, hash_part=HASH)
+    cache = tmp_path / "flat"
+    cache.mkdir()
+    (cache / f"{HASH}.narinfo").write_bytes(info.to_bytes())
+    (cache / f"{HASH}.nar").write_bytes(nar)
+
+    options = parse_options(fetcher_cls.Options, {"path": str(cache)}, "guide")
+    fetcher = fetcher_cls("flat", options)
+    await fetcher.start()
+    offer = await fetcher.locate(HASH)
+    assert isinstance(offer, Offer) and offer.info == info
+    assert b"".join([c async for c in fetcher.open(offer)]) == nar
+    assert b"".join([c async for c in fetcher.open(offer, 1000)]) == nar[1000:]
+    assert isinstance(await fetcher.locate("1" * 32), Unavailable)
+    with pytest.raises(ConfigError, match="is not a directory"):
+        await fetcher_cls("flat", parse_options(fetcher_cls.Options, {"path": "/nonexistent"},
+                                                "guide")).start()
