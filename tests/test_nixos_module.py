@@ -340,7 +340,7 @@ def _run_start_script(module_eval: ModuleEval, command: str, env: dict[str, str]
     """Run an ExecStartPre line, its store paths redirected into the chroot store."""
     chroot_store = f"{module_eval.root}/nix/store/"
     argv = [part.replace("/nix/store/", chroot_store) for part in command.split()]
-    if argv[0].endswith(".sh") or "syndicate-config" in argv[0]:
+    if len(argv) == 1:  # a generated shell script, whose own store paths need redirecting
         script = Path(argv[0]).read_text().replace("/nix/store/", chroot_store)
         argv = ["/bin/sh", "-c", script]
     proc = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, check=False)
