@@ -41,6 +41,8 @@ Opener = Callable[[Offer, int], AsyncIterator[bytes]]
 #: Chunks at least this big are decompressed and hashed in a worker thread: hashlib, zstd, lzma
 #: and bz2 release the GIL, so the event loop keeps serving and a second core helps.
 THREAD_THRESHOLD = 256 * 1024
+#: Compressed input is decoded at most this much at a time.
+DECODE_PIECE = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -158,15 +160,17 @@ async def _nar_chunks(source: Source, offset: int, max_size: int, stall: float) 
     decoder = None if raw else decompressor(compression, max_output=max_size)
     skip = 0 if raw else offset
     try:
-        async for chunk in _with_stall_timeout(stream, stall, source.fetcher):
-            if decoder is not None:
-                out = await _maybe_thread(decoder.decode, chunk)
-                chunk = out or b""
-            if skip:
-                cut = min(skip, len(chunk))
-                chunk, skip = chunk[cut:], skip - cut
-            if chunk:
-                yield chunk
+        async for received in _with_stall_timeout(stream, stall, source.fetcher):
+            # Bounded pieces keep one decode call's output (input x ratio) small.
+            for start in range(0, len(received), DECODE_PIECE):
+                chunk = received[start:start + DECODE_PIECE]
+                if decoder is not None:
+                    chunk = await _maybe_thread(decoder.decode, chunk) or b""
+                if skip:
+                    cut = min(skip, len(chunk))
+                    chunk, skip = chunk[cut:], skip - cut
+                if chunk:
+                    yield chunk
         if decoder is not None:
             tail = decoder.flush()
             if skip:
@@ -225,10 +229,11 @@ async def _verified_nar(
             continue
         except (VerificationError, NarError, CompressionError) as exc:
             # Wrong bytes were already fed to the parser: this stream cannot be continued.
-            log.error("%s: %s for %s", source.fetcher, exc, info.store_path)
-            events.failed(source.fetcher, str(exc), False)
+            reason = str(exc) if isinstance(exc, HashMismatch) else f"hash mismatch: {exc}"
+            log.error("%s sent bad bytes for %s: %s", source.fetcher, info.store_path, reason)
+            events.failed(source.fetcher, reason, False)
             bad.append(source.fetcher)
-            raise TransferFailed(f"{source.fetcher}: {exc}", bad, checker.size) from exc
+            raise TransferFailed(f"{source.fetcher}: {reason}", bad, checker.size) from exc
         if pending is not None:
             yield pending
         return

@@ -1,0 +1,3 @@
+from substituter.cli import main
+
+main()

@@ -1,0 +1,167 @@
+"""The daemon: dataspace, fetchers, broker and Nix's HTTP endpoint in one actor system.
+
+Start-up order matters: the dataspace first (embedded, or a connection to a syndicate-server),
+then the fetchers (started, then attached), then the broker, which must have seen the in-process
+fetchers before the HTTP endpoint accepts its first request (else an early narinfo request would
+find "no fetchers" and Nix would cache that 404 for an hour).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from syndicate import actor, turn
+
+from .broker import Broker
+from .config import Config, parse_listen
+from .dataspace.gatekeeper import load_or_create_key, mint
+from .dataspace.relay import DEFAULT_OID, serve_dataspace
+from .http_cache import make_app
+from .nar_service import NarService
+from .runtime import Runtime
+
+__all__ = ["Daemon"]
+
+log = logging.getLogger("substituter.daemon")
+
+#: Written beside the dataspace socket so local tools (`substituter status`) can attach.
+CAP_FILE = "dataspace.cap"
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.runtime = Runtime(config)
+        self.metrics = self.runtime.metrics
+        self.http_address: tuple[str, int] | Path | None = None
+        self.ready: asyncio.Event | None = None
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def broker(self) -> Broker:
+        return self.runtime.broker
+
+    @property
+    def nars(self) -> NarService:
+        return self.runtime.nars
+
+    # --- inside the actor system -----------------------------------------------------------
+
+    def boot(self) -> None:
+        """Runs in the daemon actor's first turn."""
+        self.runtime.boot()
+        self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = load_or_create_key(self.config.state_dir)
+        tcp = parse_listen(self.config.dataspace.tcp, "dataspace.tcp") if self.config.dataspace.tcp else None
+        self.relay = serve_dataspace(
+            self.runtime.ds, key, unix_path=self.config.dataspace_socket, tcp=tcp,  # type: ignore[arg-type]
+            allow_non_loopback=self.config.dataspace.allow_remote,
+        )
+        _write_private(self.config.dataspace_socket.with_name(CAP_FILE), mint(key, DEFAULT_OID) + "\n")
+        turn.linked_task()(self._main)
+
+    async def _main(self, _facet: Any) -> None:
+        assert self.ready is not None and self._stop is not None
+        runner: web.AppRunner | None = None
+        try:
+            await self.relay.ready
+            await self.runtime.start()
+            runner = web.AppRunner(make_app(self), access_log=None, handle_signals=False)
+            await runner.setup()
+            listen = parse_listen(self.config.listen)
+            if isinstance(listen, Path):
+                site: web.BaseSite = web.UnixSite(runner, str(listen))
+            else:
+                site = web.TCPSite(runner, listen[0], listen[1], reuse_address=True)
+            await site.start()
+            self.http_address = _bound_address(runner, listen)
+            log.info("serving Nix on %s with %d fetcher(s): %s", _show_address(self.http_address),
+                     len(self.runtime.fetchers), ", ".join(f.name for f, _ in self.runtime.fetchers))
+            _notify_systemd("READY=1")
+            self.ready.set()
+            await self._stop.wait()
+            log.info("shutting down")
+            _notify_systemd("STOPPING=1")
+        finally:
+            if runner is not None:
+                await runner.cleanup()  # lets in-flight responses finish (aiohttp's shutdown timeout)
+            await self.runtime.stop()
+            self.ready.set()
+        # Returning (not True) stops the facet, and with it the actor and the system.
+
+    # --- outside ---------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask the daemon to shut down; safe from any thread."""
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    def run(self, on_ready: Callable[[Daemon], None] | None = None) -> None:
+        """Block running the daemon until SIGTERM/SIGINT (or request_stop)."""
+        loop = self._loop = asyncio.new_event_loop()
+        self.ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.request_stop)
+            except (RuntimeError, ValueError):  # not in the main thread (tests)
+                pass
+        if on_ready is not None:
+            async def watch() -> None:
+                assert self.ready is not None
+                await self.ready.wait()
+                on_ready(self)
+            loop.create_task(watch())
+        actor.System(loop=loop).run(self.boot, name="substituter", configure_logging=False)
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _bound_address(runner: web.AppRunner, listen: tuple[str, int] | Path) -> tuple[str, int] | Path:
+    if isinstance(listen, Path):
+        return listen
+    for site in runner.sites:
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            host, port = server.sockets[0].getsockname()[:2]
+            return host, port
+    return listen
+
+
+def _show_address(addr: tuple[str, int] | Path | None) -> str:
+    if isinstance(addr, tuple):
+        host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+        return f"http://{host}:{addr[1]}"
+    return f"unix:{addr}"
+
+
+def _notify_systemd(state: str) -> None:
+    """sd_notify without a library: one datagram to $NOTIFY_SOCKET, if systemd gave one."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    import socket
+
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(address)
+            sock.sendall(state.encode())
+        except OSError as exc:
+            log.warning("sd_notify failed: %s", exc)

@@ -1,0 +1,280 @@
+"""`substituter fetch`: get a closure, verified, from wherever it is, into a Nix store, now.
+
+1. Resolve the closure from the narinfos' references, asking the broker for every path at once
+   (all fetchers in parallel); skip what the store already has.
+2. Download every missing NAR in parallel, verified against its signed NarHash/NarSize, into the
+   local NAR cache (a corrupt source is replaced by the next one there).
+3. Import in topological order, references first, streaming from the cache through the nix-daemon
+   worker protocol (signatures and CA travel with each path) or `nix-store --import`.  A path is
+   either fully imported and valid, or absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from .broker import Resolution
+from .errors import FetchError, FormatError, StoreError, SubstituterError
+from .nix.narinfo import NarInfo
+from .nix.store_path import StorePath, validate_hash_part
+from .store.base import PathInfo, Store
+
+__all__ = ["FetchPlan", "Progress", "fetch_closure", "open_store", "parse_targets"]
+
+log = logging.getLogger("substituter.fetch")
+
+
+def parse_targets(args: Iterable[str], store_dir: str) -> list[str]:
+    """Hash parts from ``/nix/store/…`` paths (sub-paths allowed), base names or bare hash parts."""
+    hashes = []
+    for arg in args:
+        text = arg.rstrip("/")
+        if text.startswith(store_dir + "/"):
+            text = text[len(store_dir) + 1:].split("/", 1)[0]
+        try:
+            if len(text) == 32:
+                hashes.append(validate_hash_part(text))
+            else:
+                hashes.append(StorePath.parse(text, store_dir).hash_part)
+        except FormatError as exc:
+            raise FormatError(f"{arg!r} is not a store path or hash part: {exc}") from exc
+    return hashes
+
+
+async def open_store(spec: str, store_dir: str, env: dict[str, str] | None = None) -> Store:
+    """``daemon`` (the system nix-daemon), ``unix://SOCKET``, or a directory (a chroot store)."""
+    from .store.daemon_client import DaemonStore
+    from .store.import_backend import ImportStore
+
+    if spec == "daemon" or spec.startswith("unix://"):
+        return await DaemonStore.connect(None if spec == "daemon" else spec, store_dir=store_dir)
+    if spec.startswith(("/", "./", "../")) or spec.startswith("local?root="):
+        root = spec.removeprefix("local?root=")
+        return ImportStore(Path(root).resolve(), env=env)
+    raise FormatError(f"--store {spec!r}: use daemon, unix://SOCKET or a directory")
+
+
+def to_path_info(info: NarInfo) -> PathInfo:
+    return PathInfo(
+        store_path=info.store_path,
+        nar_hash=str(info.nar_hash),
+        nar_size=info.nar_size,
+        references=frozenset(info.reference_paths()),
+        deriver=f"{info.store_dir}/{info.deriver}" if info.deriver else None,
+        sigs=frozenset(info.sigs),
+        ca=info.ca,
+    )
+
+
+@dataclass
+class FetchPlan:
+    """The closure to import: resolutions by hash part, and what went wrong."""
+
+    resolutions: dict[str, Resolution] = field(default_factory=dict)
+    present: set[str] = field(default_factory=set)
+    missing: dict[str, str] = field(default_factory=dict)  # hash part -> why
+
+    def topological(self) -> list[Resolution]:
+        """Paths to import, every path after its references."""
+        order: list[Resolution] = []
+        done: set[str] = set()
+        visiting: set[str] = set()
+
+        def visit(hash_part: str) -> None:
+            if hash_part in done or hash_part not in self.resolutions:
+                return
+            if hash_part in visiting:
+                raise FormatError(f"reference cycle through {hash_part}")
+            visiting.add(hash_part)
+            info = self.resolutions[hash_part].info
+            for ref in info.references:
+                ref_hash = ref[:32]
+                if ref_hash != hash_part:
+                    visit(ref_hash)
+            visiting.discard(hash_part)
+            done.add(hash_part)
+            order.append(self.resolutions[hash_part])
+
+        for hash_part in sorted(self.resolutions):
+            visit(hash_part)
+        return order
+
+
+class Progress:
+    """Paths and bytes: a one-line bar on a terminal, a plain log line per path otherwise."""
+
+    def __init__(self, out: TextIO = sys.stderr) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.paths_total = 0
+        self.paths_done = 0
+        self.bytes_total = 0
+        self.bytes_done = 0
+        self._last = 0.0
+
+    def add_bytes(self, n: int) -> None:
+        self.bytes_done += n
+        now = time.monotonic()
+        if self.tty and now - self._last > 0.1:
+            self._last = now
+            self._bar()
+
+    def path_done(self, store_path: str, what: str) -> None:
+        self.paths_done += 1
+        if self.tty:
+            self._bar()
+        else:
+            print(f"{what} {store_path}", file=self.out, flush=True)
+
+    def _bar(self) -> None:
+        mib = self.bytes_done / 2**20
+        total = self.bytes_total / 2**20
+        print(f"\r[{self.paths_done}/{self.paths_total} paths, {mib:.1f}/{total:.1f} MiB]",
+              end="", file=self.out, flush=True)
+
+    def finish(self) -> None:
+        if self.tty:
+            print(file=self.out, flush=True)
+
+
+async def resolve_closure(runtime: Any, store: Store, roots: list[str], store_dir: str) -> FetchPlan:
+    """Ask for every path of the closure, level by level (each level all at once)."""
+    plan = FetchPlan()
+    seen: set[str] = set(roots)
+    frontier = list(roots)
+    while frontier:
+        results = await asyncio.gather(*(runtime.broker.resolve(h, "fetch") for h in frontier))
+        found = {r.hash_part: r for r in results if r.info is not None}
+        for r in results:
+            if r.info is None:
+                plan.missing[r.hash_part] = r.reason
+        valid = await store.query_valid_paths(r.info.store_path for r in found.values())
+        next_frontier = []
+        for hash_part, res in found.items():
+            if res.info.store_path in valid:
+                plan.present.add(hash_part)  # a valid path's closure is valid too
+                continue
+            plan.resolutions[hash_part] = res
+            for ref in res.info.references:
+                ref_hash = ref[:32]
+                if ref_hash not in seen:
+                    seen.add(ref_hash)
+                    next_frontier.append(ref_hash)
+        frontier = next_frontier
+    return plan
+
+
+async def fetch_closure(runtime: Any, store: Store, roots: list[str], *, jobs: int = 8,
+                        progress: Progress | None = None) -> tuple[FetchPlan, dict[str, str]]:
+    """Fetch and import; returns the plan and failures by store path (empty when all went in)."""
+    progress = progress or Progress()
+    plan = await resolve_closure(runtime, store, roots, runtime.config.store_dir)
+    order = plan.topological()
+    progress.paths_total = len(order)
+    progress.bytes_total = sum(r.info.nar_size for r in order)
+    failures: dict[str, str] = {}
+    if plan.missing:
+        return plan, failures
+
+    limit = asyncio.Semaphore(jobs)
+
+    async def download(res: Resolution) -> None:
+        async with limit:
+            # Spooling into the verified cache: the import below reads it locally.
+            async for chunk in runtime.nars.stream(res, 0):
+                progress.add_bytes(len(chunk))
+
+    downloads = {r.hash_part: asyncio.ensure_future(download(r)) for r in order}
+    try:
+        for res in order:
+            info = res.info
+            try:
+                await downloads[res.hash_part]
+                await store.add_to_store_nar(to_path_info(info), runtime.nars.stream(res, 0))
+            except (FetchError, StoreError, SubstituterError) as exc:
+                failures[info.store_path] = str(exc)
+                break  # later paths may depend on this one; stop importing
+            progress.path_done(info.store_path, "imported")
+    finally:
+        for task in downloads.values():
+            task.cancel()
+        await asyncio.gather(*downloads.values(), return_exceptions=True)
+        progress.finish()
+    return plan, failures
+
+
+class _AcceptAll:
+    """--no-require-sigs: any offer is used, its bytes still checked against its NarHash."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def judge(self, info: NarInfo) -> Any:
+        from .trust import Verdict
+
+        verdict = self.inner.judge(info)
+        return verdict if verdict.trusted else Verdict(True, f"accepted without signature ({verdict.reason})")
+
+
+def run_fetch(config: Any, targets: list[str], store_spec: str, *, jobs: int = 8,
+              require_sigs: bool = True, out: TextIO = sys.stderr) -> int:
+    """The whole `substituter fetch`: returns the exit code (0 all present, 1 failures)."""
+    import signal
+
+    from syndicate import actor, turn
+
+    from .runtime import Runtime
+    from .trust import TrustPolicy
+
+    trust = TrustPolicy(config.trusted_public_keys)
+    runtime = Runtime(config, trust=trust if require_sigs else _AcceptAll(trust),  # type: ignore[arg-type]
+                      spool_limit=2**63)
+    loop = asyncio.new_event_loop()
+    result = {"code": 1}
+
+    async def main(_facet: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, task.cancel)
+            except (RuntimeError, ValueError):
+                pass
+        store: Store | None = None
+        try:
+            await runtime.start()
+            store = await open_store(store_spec, config.store_dir)
+            plan, failures = await fetch_closure(runtime, store, targets, jobs=jobs, progress=Progress(out))
+            for hash_part, reason in sorted(plan.missing.items()):
+                print(f"error: {hash_part}: not found: {reason}", file=out)
+            for path, reason in failures.items():
+                print(f"error: {path}: {reason}", file=out)
+            if not plan.missing and not failures:
+                n = len(plan.resolutions)
+                print(f"{n} path(s) imported, {len(plan.present)} already present", file=out)
+                result["code"] = 0
+        except asyncio.CancelledError:
+            print("interrupted: nothing partial was registered", file=out)
+            result["code"] = 130
+        except SubstituterError as exc:
+            print(f"error: {exc}", file=out)
+        except OSError as exc:
+            print(f"error: {exc}", file=out)
+        finally:
+            if store is not None:
+                await store.close()
+            await runtime.stop()
+
+    def boot() -> None:
+        runtime.boot()
+        turn.linked_task()(main)
+
+    actor.System(loop=loop).run(boot, name="fetch", configure_logging=False)
+    return result["code"]

@@ -1,0 +1,128 @@
+"""The in-process machinery shared by the daemon and the one-off CLI: dataspace, fetchers, broker.
+
+:class:`Runtime` is booted inside a turn of an actor.  It owns the embedded dataspace, starts the
+configured fetchers and attaches each through a :class:`FetcherHost`, and runs the
+:class:`Broker` and the :class:`NarService` over them.  Frontends (the HTTP endpoint, `fetch`)
+only talk to ``runtime.broker`` and ``runtime.nars``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from syndicate import turn
+from syndicate.actor import Turn
+
+from .broker import Broker
+from .config import Config, FetcherConfig
+from .dataspace.dataspace import Dataspace
+from .fetcher_host import FetcherHost
+from .metrics import Metrics
+from .nar_cache import NarCache
+from .nar_service import DEFAULT_SPOOL_LIMIT, NarService
+from .errors import PluginError
+from .plugin import (
+    Fetcher,
+    FetcherContext,
+    UriOpener,
+    available_fetcher_types,
+    load_fetcher_type,
+    parse_options,
+)
+from .trust import TrustPolicy
+
+__all__ = ["Runtime", "build_fetchers"]
+
+log = logging.getLogger("substituter.runtime")
+
+
+def build_fetchers(config: Config) -> list[tuple[Fetcher, FetcherConfig]]:
+    """Instantiate every configured fetcher (options validated; nothing started)."""
+    built = []
+    for i, fc in enumerate(config.fetchers):
+        cls = load_fetcher_type(fc.type)
+        options = parse_options(cls.Options, fc.options, f"fetchers[{i}] ({fc.name})")
+        context = FetcherContext(store_dir=config.store_dir,
+                                 state_dir=config.state_dir / "fetchers" / fc.name)
+        built.append((cls(fc.name, options, context, priority=fc.priority), fc))
+    return built
+
+
+class Runtime:
+    def __init__(self, config: Config, *, trust: TrustPolicy | None = None,
+                 spool_limit: int = DEFAULT_SPOOL_LIMIT, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.trust = trust or TrustPolicy(config.trusted_public_keys)
+        self.fetchers = build_fetchers(config)
+        self.cache = (
+            NarCache(config.nar_cache_dir, config.nar_cache.max_size) if config.nar_cache.enable else None
+        )
+        self.spool_limit = spool_limit
+        self.openers = self._standalone_openers()
+        self.ds: Any = None
+        self.broker: Broker = None  # type: ignore[assignment]  # set by boot()
+        self.nars: NarService = None  # type: ignore[assignment]
+        self.facet: Any = None
+
+    def boot(self) -> None:
+        """Inside a turn: create the dataspace and the broker (fetchers attach in :meth:`start`)."""
+        self.facet = turn.active_facet()
+        self.ds = turn.ref(Dataspace())
+        local = {f.name: f for f, _ in self.fetchers}
+        openers: dict[str, Any] = {scheme: o.open for scheme, o in self.openers.items()}
+        self.broker = Broker(self.ds, self.trust, locate_timeout=self.config.locate_timeout,
+                             local_fetchers=local, openers=openers, metrics=self.metrics)
+        self.broker.boot()
+        self.nars = NarService(self.broker.sources, self.cache, spool_limit=self.spool_limit,
+                               events=self.broker.events)
+
+    def _standalone_openers(self) -> dict[str, UriOpener]:
+        """Openers for URIs in offers from out-of-process fetchers, from every installed plugin.
+
+        ``file`` is never opened for remote offers: a peer must not make the daemon read local
+        files (in-process local mirrors open their own files).
+        """
+        openers: dict[str, UriOpener] = {}
+        context = FetcherContext(store_dir=self.config.store_dir)
+        for kind in sorted(available_fetcher_types()):
+            try:
+                cls = load_fetcher_type(kind)
+            except PluginError as exc:
+                log.warning("%s", exc)
+                continue
+            wanted = [s for s in cls.schemes if s != "file" and s not in openers]
+            opener = cls.opener(context) if wanted else None
+            if opener is not None:
+                openers.update(dict.fromkeys(wanted, opener))
+        return openers
+
+    async def start(self) -> None:
+        """Start every fetcher, attach them, and return once the broker has seen them all."""
+        await asyncio.gather(*(o.start() for o in set(self.openers.values())))
+        await asyncio.gather(*(f.start() for f, _ in self.fetchers))
+        attached: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def attach() -> None:
+            for fetcher, fc in self.fetchers:
+                timeout = fc.locate_timeout or self.config.locate_timeout
+                turn.facet(FetcherHost(fetcher, self.ds, locate_timeout=timeout).boot)
+            # The dataspace handles events in order: after this sync round trip the broker's
+            # observer has been told of every <fetcher> asserted above.
+            turn.sync(self.ds, lambda: attached.set_result(None))
+
+        Turn.external(self.facet, attach)
+        await attached
+        await _settle()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(f.stop() for f, _ in self.fetchers), return_exceptions=True)
+        await asyncio.gather(*(o.stop() for o in set(self.openers.values())), return_exceptions=True)
+
+
+async def _settle() -> None:
+    """Let already-queued turns run (each delivery is a task on the loop)."""
+    for _ in range(3):
+        await asyncio.sleep(0)

@@ -1,0 +1,151 @@
+"""End to end: real Nix substitutes through a real `substituter daemon` from real caches."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .cache_server import build_cache, serve_cache  # noqa: F401  (fixture)
+from .conftest import Nix
+from .daemon_proc import DaemonProcess
+
+pytestmark = [pytest.mark.nix, pytest.mark.slow]
+
+
+def copy_from(nix: Nix, url: str, store: Path, public_key: str, *paths: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        ["nix", "copy", "--from", url, "--to", str(store), "--option", "trusted-public-keys", public_key,
+         "--option", "narinfo-cache-negative-ttl", "0", *paths],
+        env=nix.env, capture_output=True, check=False,
+    )
+
+
+def assert_intact(nix: Nix, store: Path, paths: list[str]) -> None:
+    nix.run("nix-store", "--store", str(store), "--check-validity", *paths)
+    for path in paths:
+        ours = nix.run("nix-store", "--dump", path)
+        theirs = nix.run("nix-store", "--store", str(store), "--dump", path)
+        assert ours == theirs, f"{path} differs after substitution"
+
+
+def binary_cache(url: str, name: str = "upstream", priority: int = 40) -> dict:
+    return {"type": "binary-cache", "name": name, "url": url, "priority": priority}
+
+
+def test_copy_closure_through_daemon_from_http_cache(nix: Nix, nix_keys, tmp_path: Path, serve_cache) -> None:
+    cache = build_cache(nix, nix_keys, tmp_path / "cache", "xz")
+    server = serve_cache(cache.root)
+    config = {"trusted-public-keys": [cache.public_key], "fetchers": [binary_cache(server.url)]}
+    with DaemonProcess(tmp_path, config, nix.env) as daemon:
+        store = tmp_path / "client-store"
+        result = copy_from(nix, daemon.url, store, cache.public_key, cache.top)
+        assert result.returncode == 0, result.stderr.decode() + daemon.log()
+        assert_intact(nix, store, cache.paths)
+        metrics = httpx.get(f"{daemon.url}/metrics").text
+        assert 'substituter_narinfo_requests_total{result="hit"}' in metrics
+
+
+def test_copy_from_local_mirror(nix: Nix, nix_keys, tmp_path: Path) -> None:
+    cache = build_cache(nix, nix_keys, tmp_path / "mirror", "zstd")
+    config = {"trusted-public-keys": [cache.public_key],
+              "fetchers": [{"type": "local-mirror", "path": str(cache.root)}]}
+    with DaemonProcess(tmp_path, config, nix.env) as daemon:
+        store = tmp_path / "client-store"
+        result = copy_from(nix, daemon.url, store, cache.public_key, cache.top)
+        assert result.returncode == 0, result.stderr.decode() + daemon.log()
+        assert_intact(nix, store, cache.paths)
+
+
+def test_corrupt_preferred_source_falls_back_to_good_one(nix: Nix, nix_keys, tmp_path: Path, serve_cache) -> None:
+    cache = build_cache(nix, nix_keys, tmp_path / "cache", "none")
+    evil_root = tmp_path / "evil"
+    shutil.copytree(cache.root, evil_root)
+    evil = serve_cache(evil_root)
+    evil.corrupt(200)  # flips a byte inside every NAR it serves
+    good = serve_cache(cache.root)
+    config = {"trusted-public-keys": [cache.public_key],
+              "fetchers": [binary_cache(evil.url, "evil", 10), binary_cache(good.url, "good", 50)]}
+    with DaemonProcess(tmp_path, config, nix.env) as daemon:
+        store = tmp_path / "client-store"
+        result = copy_from(nix, daemon.url, store, cache.public_key, cache.top)
+        assert result.returncode == 0, result.stderr.decode() + daemon.log()
+        assert_intact(nix, store, cache.paths)
+        assert "hash mismatch" in daemon.log() and "evil" in daemon.log()
+
+
+def test_untrusted_signatures_are_never_served(nix: Nix, nix_keys, tmp_path: Path, serve_cache) -> None:
+    cache = build_cache(nix, nix_keys, tmp_path / "cache", "xz")
+    server = serve_cache(cache.root)
+    other_sk, other_pk = tmp_path / "other.sk", tmp_path / "other.pk"
+    nix.run("nix-store", "--generate-binary-cache-key", "other-1", str(other_sk), str(other_pk))
+    config = {"trusted-public-keys": [other_pk.read_text().strip()], "fetchers": [binary_cache(server.url)]}
+    with DaemonProcess(tmp_path, config, nix.env) as daemon:
+        hash_part = Path(cache.top).name[:32]
+        response = httpx.get(f"{daemon.url}/{hash_part}.narinfo")
+        assert response.status_code == 404
+        assert response.headers["cache-control"] == "no-store"
+        assert "no valid signature from a trusted key" in response.text
+        store = tmp_path / "client-store"
+        result = copy_from(nix, daemon.url, store, cache.public_key, cache.top)
+        assert result.returncode != 0
+        assert not (store / "nix" / "store" / Path(cache.top).name).exists()
+
+
+def test_missing_path_is_a_fast_404_and_garbage_is_rejected(nix: Nix, nix_keys, tmp_path: Path, serve_cache) -> None:
+    cache = build_cache(nix, nix_keys, tmp_path / "cache", "xz")
+    server = serve_cache(cache.root)
+    config = {"trusted-public-keys": [cache.public_key], "fetchers": [binary_cache(server.url)]}
+    with DaemonProcess(tmp_path, config, nix.env) as daemon:
+        assert httpx.get(f"{daemon.url}/{'0' * 32}.narinfo").status_code == 404
+        assert httpx.get(f"{daemon.url}/../etc/passwd.narinfo").status_code == 404
+        assert httpx.get(f"{daemon.url}/{'e' * 32}.narinfo").status_code == 404  # 'e' is not nix32
+        assert httpx.get(f"{daemon.url}/nar/garbage.nar").status_code == 404
+        info = httpx.head(f"{daemon.url}/nix-cache-info")
+        assert info.status_code == 200
+
+
+def test_substitute_with_nix_store_realise(nix: Nix, nix_keys, tmp_path: Path, serve_cache) -> None:
+    cache = build_cache(nix, nix_keys, tmp_path / "cache", "zstd")
+    server = serve_cache(cache.root)
+    config = {"trusted-public-keys": [cache.public_key], "fetchers": [binary_cache(server.url)]}
+    with DaemonProcess(tmp_path, config, nix.env) as daemon:
+        store = tmp_path / "chroot"
+        nix.run("nix-store", "--store", str(store), "-r", cache.top, "--option", "substituters", daemon.url,
+                "--option", "trusted-public-keys", cache.public_key)
+        assert_intact(nix, store, cache.paths)
+
+
+def test_source_killed_mid_transfer_resumes_from_another(nix: Nix, nix_keys, tmp_path: Path, serve_cache) -> None:
+    cache = build_cache(nix, nix_keys, tmp_path / "cache", "none")
+    flaky = serve_cache(cache.root)
+    flaky.cut_after(150, times=100)
+    good = serve_cache(cache.root)
+    config = {"trusted-public-keys": [cache.public_key],
+              "fetchers": [binary_cache(flaky.url, "flaky", 10), binary_cache(good.url, "good", 50)]}
+    with DaemonProcess(tmp_path, config, nix.env) as daemon:
+        store = tmp_path / "client-store"
+        result = copy_from(nix, daemon.url, store, cache.public_key, cache.top)
+        assert result.returncode == 0, result.stderr.decode() + daemon.log()
+        assert_intact(nix, store, cache.paths)
+
+
+def test_restart_between_runs_keeps_narinfo_urls_valid(nix: Nix, nix_keys, tmp_path: Path, serve_cache) -> None:
+    cache = build_cache(nix, nix_keys, tmp_path / "cache", "xz")
+    server = serve_cache(cache.root)
+    config = {"trusted-public-keys": [cache.public_key], "fetchers": [binary_cache(server.url)]}
+    daemon = DaemonProcess(tmp_path, config, nix.env)
+    hash_part = Path(cache.top).name[:32]
+    with daemon:
+        narinfo = httpx.get(f"{daemon.url}/{hash_part}.narinfo").text
+    url = next(line[5:] for line in narinfo.splitlines() if line.startswith("URL: "))
+    with daemon:  # same port, same state dir: a narinfo cached by Nix still leads to the NAR
+        nar = httpx.get(f"{daemon.url}/{url}")
+        assert nar.status_code == 200
+        assert nar.content == nix.run("nix-store", "--dump", cache.top)
+        store = tmp_path / "client-store"
+        result = copy_from(nix, daemon.url, store, cache.public_key, cache.top)
+        assert result.returncode == 0, result.stderr.decode() + daemon.log()
