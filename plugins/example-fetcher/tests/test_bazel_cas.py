@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from cas_server import CasServer
 from conftest import Published, hash_part, serving
-from substituter.errors import ConfigError, NotAvailable, TransientFetchError
+from substituter.errors import ConfigError, FetchError, NotAvailable, TransientFetchError
 from substituter.nix.hashes import Hash
 from substituter.nix.signing import PublicKey, verify_narinfo
 from substituter.plugin import Offer, Unavailable, load_fetcher_type, parse_options
@@ -104,7 +104,7 @@ async def test_offset_beyond_the_end_is_an_error(
     fetcher: BazelCasFetcher, published: Published
 ) -> None:
     offer = await offer_for(fetcher, published.top)
-    with pytest.raises(Exception, match="beyond the end"):
+    with pytest.raises(FetchError, match="beyond the end"):
         await read_all(fetcher, offer, len(published.nars[published.top]) + 10)
 
 
