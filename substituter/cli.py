@@ -191,4 +191,8 @@ def fetch(paths: tuple[str, ...], config_file: str | None, store_spec: str, jobs
         targets = parse_targets(paths, config.store_dir)
     except SubstituterError as exc:
         raise click.UsageError(str(exc)) from exc
-    sys.exit(run_fetch(config, targets, store_spec, jobs=jobs, require_sigs=require_sigs))
+    try:
+        code = run_fetch(config, targets, store_spec, jobs=jobs, require_sigs=require_sigs)
+    except (ConfigError, PluginError) as exc:
+        raise click.UsageError(f"bad configuration: {exc}") from exc
+    sys.exit(code)

@@ -213,16 +213,8 @@ def start_daemon(python: Path, log: Path, started: list[subprocess.Popen[bytes]]
     raise AssertionError(f"daemon did not start:\n{log.read_text()}")
 
 
-def _daemon_is_committed() -> bool:
-    result = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%H", "--", "substituter/daemon.py"],
-                            capture_output=True, text=True, check=False)
-    return bool(result.stdout.strip())
-
-
 @pytest.mark.slow
 @pytest.mark.nix
-@pytest.mark.xfail(not _daemon_is_committed(), strict=False,
-                   reason="substituter/daemon.py is not committed yet (work in progress by the lead)")
 def test_daemon_from_that_venv_serves_nix_through_bazel_cas(
     plugin_venv: PluginVenv, venv_daemon: tuple[Path, Path, list[subprocess.Popen[bytes]]],
     nix: Nix, nix_keys: tuple[Path, Path, str], tmp_path: Path,
