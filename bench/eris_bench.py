@@ -3,20 +3,40 @@
 Content generation is timed with the encoder (ChaCha20 keystream, a few percent).
 Decoding goes through the async, verifying `decode` with an in-memory block store, so the
 number is the codec's own cost (hashing, ChaCha20, tree walk, task scheduling), not I/O.
-Run: .venv/bin/python bench/eris_bench.py [--mib 64]
+Then end to end: one NAR (--e2e-mib) substituted by the ERIS fetcher (blocks over N2R from
+`eris serve`) and by the binary-cache fetcher (the raw NAR from a static HTTP server), each
+through the core's verified transfer; printed as a ratio on the same data, same run.
+Run: .venv/bin/python bench/eris_bench.py [--mib 64] [--e2e-mib 64]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from fetchers.binary_cache import BinaryCacheFetcher, BinaryCacheOptions
 from fetchers.eris import ReadCapability, decode, encode_to
+from fetchers.eris.blockstore import DirectoryBlockStore
+from fetchers.eris.cli import publish_nar
+from fetchers.eris.fetcher import ErisFetcher, ErisOptions
+from fetchers.eris.index import save_entries
+from substituter.nix.hashes import Hash
+from substituter.nix.nar import dump
+from substituter.nix.narinfo import NarInfo
+from substituter.nix.signing import SecretKey, sign_narinfo
+from substituter.plugin import Fetcher, Offer
+from substituter.transfer import Source, verified_nar
 
 CHUNK = 1 << 20
 
@@ -49,10 +69,115 @@ async def bench_decode(cap: ReadCapability, blocks: dict[bytes, bytes], size: in
     return elapsed
 
 
+# --- end to end: ERIS fetcher vs binary-cache fetcher -----------------------------------------
+
+HASH_PART = "1" * 32
+
+
+def make_cache(root: Path, size: int) -> NarInfo:
+    """A one-path binary cache (raw NAR) under ``root``; returns its signed narinfo."""
+    tree = root / "tree"
+    tree.mkdir(parents=True)
+    with (tree / "data").open("wb") as file:
+        for piece in content(size):
+            file.write(piece)
+    cache = root / "cache"
+    (cache / "nar").mkdir(parents=True)
+    nar_file = cache / "nar" / f"{HASH_PART}.nar"
+    sha, nar_size = hashlib.sha256(), 0
+    with nar_file.open("wb") as out:
+        for chunk in dump(tree):
+            out.write(chunk)
+            sha.update(chunk)
+            nar_size += len(chunk)
+    info = NarInfo(store_path=f"/nix/store/{HASH_PART}-bench", url=f"nar/{HASH_PART}.nar",
+                   nar_hash=Hash("sha256", sha.digest()), nar_size=nar_size, compression="none")
+    info = sign_narinfo(info, SecretKey.generate("bench-1"))
+    (cache / f"{HASH_PART}.narinfo").write_text(info.to_text())
+    (cache / "nix-cache-info").write_text("StoreDir: /nix/store\n")
+    return info
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start(args: list[str], port: int) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a server subprocess listening on loopback ``port``; wait until it accepts."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, f"http://127.0.0.1:{port}"
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit(f"{args[:4]} did not start listening")
+
+
+async def substitute(fetcher: Fetcher, info: NarInfo) -> float:
+    """Seconds to locate and stream the verified NAR (the work the daemon does per path)."""
+    begin = time.perf_counter()
+    offer = await fetcher.locate(HASH_PART)
+    assert isinstance(offer, Offer), offer
+    total = 0
+    async for chunk in verified_nar(info, [Source(fetcher.name, offer, fetcher.open)]):
+        total += len(chunk)
+    assert total == info.nar_size
+    return time.perf_counter() - begin
+
+
+async def bench_e2e(root: Path, info: NarInfo, eris_url: str, cache_url: str, runs: int) -> tuple[float, float]:
+    fetchers: list[Fetcher] = [
+        ErisFetcher("eris", ErisOptions(index=str(root / "index.jsonl"), blocks=[eris_url])),
+        BinaryCacheFetcher("binary-cache", BinaryCacheOptions(url=cache_url, http2=False)),
+    ]
+    best = [float("inf")] * len(fetchers)
+    for fetcher in fetchers:
+        await fetcher.start()
+    try:
+        for _ in range(runs):
+            for i, fetcher in enumerate(fetchers):
+                best[i] = min(best[i], await substitute(fetcher, info))
+    finally:
+        for fetcher in fetchers:
+            await fetcher.stop()
+    return best[0], best[1]
+
+
+def end_to_end(mib: int, runs: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        info = make_cache(root, mib * 2**20)
+        entry = asyncio.run(publish_nar(info, root / "cache" / info.url, DirectoryBlockStore(root / "blocks")))
+        save_entries(root / "index.jsonl", [entry])
+        port = free_port()
+        eris, eris_url = start([sys.executable, "-m", "fetchers.eris.cli", "serve", str(root / "blocks"),
+                                "--read-only", "--listen", f"127.0.0.1:{port}"], port)
+        port = free_port()
+        static, cache_url = start([sys.executable, "-m", "http.server", "-b", "127.0.0.1",
+                                   "-d", str(root / "cache"), str(port)], port)
+        try:
+            eris_s, cache_s = asyncio.run(bench_e2e(root, info, eris_url, cache_url, runs))
+        finally:
+            eris.terminate()
+            static.terminate()
+            eris.wait()
+            static.wait()
+    size = info.nar_size
+    print(f"End to end, one {mib} MiB NAR over loopback, verified transfer, best of {runs} runs")
+    print(f"  binary-cache fetcher: {cache_s:6.2f} s ({size / cache_s / 1e6:7.1f} MB/s)")
+    print(f"  ERIS fetcher (32 KiB blocks over N2R): {eris_s:6.2f} s ({size / eris_s / 1e6:7.1f} MB/s)")
+    print(f"  ratio ERIS / binary-cache: {eris_s / cache_s:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=64, help="content size in MiB (default 64)")
     parser.add_argument("--runs", type=int, default=3, help="best of this many runs (default 3)")
+    parser.add_argument("--e2e-mib", type=int, default=64, help="NAR size for the end-to-end ratio")
     args = parser.parse_args()
     size = args.mib * 2**20
     print(f"ERIS codec, {args.mib} MiB of content, one core, best of {args.runs} runs")
@@ -68,6 +193,7 @@ def main() -> None:
             f"  decode {size / decode_s / 1e6:7.1f} MB/s"
         )
         del blocks
+    end_to_end(args.e2e_mib, args.runs)
 
 
 if __name__ == "__main__":
