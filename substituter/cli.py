@@ -196,3 +196,13 @@ def fetch(paths: tuple[str, ...], config_file: str | None, store_spec: str, jobs
     except (ConfigError, PluginError) as exc:
         raise click.UsageError(f"bad configuration: {exc}") from exc
     sys.exit(code)
+
+
+def _add_plugin_commands() -> None:
+    """Tools that come with built-in plugins (e.g. `substituter eris publish`)."""
+    from fetchers.eris.cli import eris_group
+
+    main.add_command(eris_group, "eris")
+
+
+_add_plugin_commands()

@@ -59,20 +59,25 @@ class Daemon:
         """Runs in the daemon actor's first turn."""
         self.runtime.boot()
         self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        key = load_or_create_key(self.config.state_dir)
-        tcp = parse_listen(self.config.dataspace.tcp, "dataspace.tcp") if self.config.dataspace.tcp else None
-        self.relay = serve_dataspace(
-            self.runtime.ds, key, unix_path=self.config.dataspace_socket, tcp=tcp,  # type: ignore[arg-type]
-            allow_non_loopback=self.config.dataspace.allow_remote,
-        )
-        _write_private(self.config.dataspace_socket.with_name(CAP_FILE), mint(key, DEFAULT_OID) + "\n")
+        self.relay = None
+        if not self.runtime.remote:
+            # The embedded dataspace, for out-of-process fetchers and `substituter status`.
+            key = load_or_create_key(self.config.state_dir)
+            ds_config = self.config.dataspace
+            tcp = parse_listen(ds_config.tcp, "dataspace.tcp") if ds_config.tcp else None
+            self.relay = serve_dataspace(
+                self.runtime.ds, key, unix_path=self.config.dataspace_socket, tcp=tcp,  # type: ignore[arg-type]
+                allow_non_loopback=ds_config.allow_remote,
+            )
+            _write_private(self.config.dataspace_socket.with_name(CAP_FILE), mint(key, DEFAULT_OID) + "\n")
         turn.linked_task()(self._main)
 
     async def _main(self, _facet: Any) -> None:
         assert self.ready is not None and self._stop is not None
         runner: web.AppRunner | None = None
         try:
-            await self.relay.ready
+            if self.relay is not None:
+                await self.relay.ready
             await self.runtime.start()
             runner = web.AppRunner(make_app(self), access_log=None, handle_signals=False)
             await runner.setup()

@@ -238,7 +238,7 @@ def _option_name(field: dataclasses.Field[Any]) -> str:
 def _type_name(tp: Any) -> str:
     if isinstance(tp, type):
         return tp.__name__
-    return str(tp).replace("typing.", "")
+    return str(tp).replace("typing.", "").replace("pathlib.Path", "Path")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

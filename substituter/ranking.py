@@ -5,7 +5,8 @@ answers in any order.  It is *decided* as soon as the best answer is certain:
 
 * a trusted offer, once every fetcher that could still beat it (a lower priority number) has
   answered or given up;
-* "not found", once every live fetcher has answered without a trusted offer;
+* "not found", once every live fetcher has answered without a trusted offer (with no fetcher
+  known at all, only at the deadline: one may be attaching);
 * at the deadline, whatever is best by then.
 
 Ranking among trusted offers: fetcher priority, then the fetcher's measured speed (an EWMA of
@@ -115,6 +116,10 @@ class Demand:
 
     @property
     def decided(self) -> bool:
+        if not self.priorities and not self.timed_out:
+            # No fetcher is known (yet): one may be attaching; wait for it until the deadline
+            # rather than answer "not found", which Nix would cache for an hour.
+            return False
         if not self.pending:
             return True
         best = self.ranked()

@@ -17,12 +17,14 @@ from syndicate.actor import Turn
 
 from .broker import Broker
 from .config import Config, FetcherConfig
+from .dataspace.barrier import barrier
+from .dataspace.connect import connect
 from .dataspace.dataspace import Dataspace
+from .errors import ConfigError, PluginError
 from .fetcher_host import FetcherHost
 from .metrics import Metrics
 from .nar_cache import NarCache
 from .nar_service import DEFAULT_SPOOL_LIMIT, NarService
-from .errors import PluginError
 from .plugin import (
     Fetcher,
     FetcherContext,
@@ -68,16 +70,47 @@ class Runtime:
         self.facet: Any = None
 
     def boot(self) -> None:
-        """Inside a turn: create the dataspace and the broker (fetchers attach in :meth:`start`)."""
+        """Inside a turn: with an embedded dataspace, create it; fetchers and the broker attach
+        in :meth:`start` (to a syndicate-server: on every (re)connection)."""
         self.facet = turn.active_facet()
-        self.ds = turn.ref(Dataspace())
+        if not self.remote:
+            self.ds = turn.ref(Dataspace())
+
+    @property
+    def remote(self) -> bool:
+        return self.config.dataspace.connect is not None
+
+    def _capability(self) -> str:
+        ds = self.config.dataspace
+        if ds.cap:
+            return ds.cap
+        assert ds.cap_file is not None  # config validation guarantees one of the two
+        try:
+            return ds.cap_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"dataspace.cap-file: cannot read {ds.cap_file}: {exc.strerror}") from exc
+
+    def _attach(self, ds: Any, attached: asyncio.Future[None]) -> None:
+        """In a turn of the facet that lives as long as ``ds`` is reachable: broker and fetchers."""
+        self.ds = ds
         local = {f.name: f for f, _ in self.fetchers}
         openers: dict[str, Any] = {scheme: o.open for scheme, o in self.openers.items()}
-        self.broker = Broker(self.ds, self.trust, locate_timeout=self.config.locate_timeout,
-                             local_fetchers=local, openers=openers, metrics=self.metrics)
-        self.broker.boot()
-        self.nars = NarService(self.broker.sources, self.cache, spool_limit=self.spool_limit,
-                               events=self.broker.events)
+        broker = Broker(ds, self.trust, locate_timeout=self.config.locate_timeout,
+                        local_fetchers=local, openers=openers, metrics=self.metrics)
+        broker.boot()
+        for fetcher, fc in self.fetchers:
+            timeout = fc.locate_timeout or self.config.locate_timeout
+            turn.facet(FetcherHost(fetcher, ds, locate_timeout=timeout).boot)
+
+        def ready() -> None:
+            self.broker = broker
+            self.nars = NarService(broker.sources, self.cache, spool_limit=self.spool_limit,
+                                   events=broker.events)
+            if not attached.done():
+                attached.set_result(None)
+
+        # After this round trip the broker has been told of every <fetcher> asserted above.
+        barrier(ds, ready)
 
     def _standalone_openers(self) -> dict[str, UriOpener]:
         """Openers for URIs in offers from out-of-process fetchers, from every installed plugin.
@@ -100,20 +133,27 @@ class Runtime:
         return openers
 
     async def start(self) -> None:
-        """Start every fetcher, attach them, and return once the broker has seen them all."""
+        """Start every fetcher, attach to the dataspace, and return once the broker is ready."""
         await asyncio.gather(*(o.start() for o in set(self.openers.values())))
         await asyncio.gather(*(f.start() for f, _ in self.fetchers))
         attached: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.remote:
+            address, cap = self.config.dataspace.connect, self._capability()
+            assert address is not None
 
-        def attach() -> None:
-            for fetcher, fc in self.fetchers:
-                timeout = fc.locate_timeout or self.config.locate_timeout
-                turn.facet(FetcherHost(fetcher, self.ds, locate_timeout=timeout).boot)
-            # The dataspace handles events in order: after this sync round trip the broker's
-            # observer has been told of every <fetcher> asserted above.
-            turn.sync(self.ds, lambda: attached.set_result(None))
+            def refused(reason: str) -> None:
+                if not attached.done():
+                    attached.set_exception(ConfigError(f"dataspace {address} refused dataspace.cap: {reason}"))
 
-        Turn.external(self.facet, attach)
+            def connect_remote() -> None:
+                @connect(address, cap, on_refused=refused)
+                def on_dataspace(ds: Any) -> None:
+                    log.info("attached to the dataspace at %s", address)
+                    self._attach(ds, attached)
+
+            Turn.external(self.facet, connect_remote)
+        else:
+            Turn.external(self.facet, lambda: self._attach(self.ds, attached))
         await attached
         await _settle()
 

@@ -18,6 +18,7 @@ from syndicate import patterns as P
 from syndicate.actor import Turn
 from syndicate.dataspace import during
 
+from .dataspace.barrier import barrier
 from .dataspace.connect import connect
 from .protocol import Available, Failed, Fetcher, Transfer, Unavailable, Want, record_pattern
 
@@ -134,7 +135,7 @@ def run_status(address: str, cap: str, *, watch: bool = False, timeout: float = 
                 if not watch:
                     stop(0)
 
-            turn.sync(ds, synced)
+            barrier(ds, synced)
 
         def give_up() -> None:
             if not state["synced"]:

@@ -99,7 +99,7 @@ def test_demand_deadline(tmp_path: Path) -> None:
 
 def test_demand_late_fetcher_and_withdrawal(tmp_path: Path) -> None:
     d = Demand("h", {})
-    assert d.decided  # nobody to ask
+    assert not d.decided  # nobody to ask yet: one may be attaching
     d.fetcher_joined("late", 5)
     assert not d.decided
     d.offered("late", _offer(tmp_path), TRUSTED)
@@ -117,3 +117,9 @@ def test_ranking_uses_priority_then_throughput(tmp_path: Path) -> None:
     for name in ("c", "b", "a"):
         d.offered(name, offer, TRUSTED)
     assert [c.fetcher for c in d.ranked()] == ["a", "b", "c"]
+
+
+def test_demand_without_fetchers_is_not_found_at_the_deadline() -> None:
+    d = Demand("h", {})
+    d.deadline_passed()
+    assert d.decided and d.ranked() == [] and "no fetchers" in d.explain_missing()
