@@ -68,6 +68,7 @@ _SET = _Tag("set")  # (_SET, frozenset)
 _BOOL = _Tag("bool")  # (_BOOL, True | False)  -- Python thinks True == 1
 _DOUBLE = _Tag("double")  # (_DOUBLE, IEEE bits) -- Preserves equality is bitwise
 _EMBEDDED = _Tag("embedded")  # (_EMBEDDED, _Identity)
+_SYMBOL = _Tag("symbol")  # (_SYMBOL, name) -- Symbol's own __hash__ is slow Python code
 
 # Where field/item 0 sits inside the frozen tuple.
 _RECORD_FIELD_OFFSET = 2
@@ -119,8 +120,10 @@ def freeze(value: Any) -> Frozen:
     Raises ``ProtocolError`` for something that is not a Preserves value.
     """
     kind = type(value)
-    if kind is str or kind is int or kind is bytes or kind is Symbol:
+    if kind is str or kind is int or kind is bytes:
         return value  # type: ignore[no-any-return]
+    if kind is Symbol:
+        return (_SYMBOL, value.name)
     if kind is Record:
         return (_RECORD, freeze(value.key), *map(freeze, value.fields))
     if kind is tuple or kind is list:
@@ -140,9 +143,12 @@ def freeze(value: Any) -> Frozen:
     if hasattr(value, "__preserve__"):
         return freeze(value.__preserve__())
     # Subclasses of the atoms (an IntEnum, a str subclass) are still those atoms.
-    for atom in (str, int, bytes):
-        if isinstance(value, atom):
-            return atom(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, bytes):
+        return bytes(value)
     if isinstance(value, float):
         return (_DOUBLE, _double_bits(value))
     raise ProtocolError(f"not a Preserves value: {value!r} (of type {kind.__name__})")
@@ -157,6 +163,8 @@ def thaw(frozen: Frozen) -> Any:
         return Record(thaw(frozen[1]), [thaw(f) for f in frozen[2:]])
     if tag is _SEQUENCE:
         return tuple(thaw(item) for item in frozen[1:])
+    if tag is _SYMBOL:
+        return Symbol(frozen[1])
     if tag is _BOOL:
         return frozen[1]
     if tag is _DOUBLE:

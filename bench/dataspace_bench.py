@@ -1,0 +1,244 @@
+"""Dataspace throughput and want -> available round-trip latency.
+
+    .venv/bin/python bench/dataspace_bench.py [--events 200000] [--round-trips 5000]
+
+Measured per *target* (how a client reaches a dataspace). This file has the in-process
+target (the embedded ``Dataspace`` in the same actor system); a relay or syndicate-server
+target is one more ``Target`` in ``TARGETS`` (a function that hands a dataspace ref to a
+continuation, inside a turn). Three figures:
+
+  index       assert+retract events/s straight into ``Index`` (no turns): the matching cost
+  turns       assert+retract events/s published by an actor through syndicate-py turns, each
+              matched by one observer of ``<want ?h _>`` (so each also produces an event)
+  round trip  a requester asserts ``<want h fetch>`` and waits (``during``) for
+              ``<available h ...>``, which a fetcher actor observing ``<want ?h _>`` asserts;
+              p50 / p99 of that, one request at a time
+
+Targets: >= 100k events/s in process, round trip p50 <= 0.2 ms. Not a test: it prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import syndicate.patterns as P  # noqa: E402
+from preserves import Embedded, Record, Symbol  # noqa: E402
+from syndicate import actor, turn  # noqa: E402
+from syndicate import dataspace as syndicate_dataspace  # noqa: E402
+
+from substituter.dataspace import Dataspace  # noqa: E402
+from substituter.dataspace.index import Index, analyse, freeze  # noqa: E402
+
+WANT = Symbol("want")
+AVAILABLE = Symbol("available")
+FETCH = Symbol("fetch")
+
+Target = Callable[[Callable[[Any], None]], None]
+"""Called inside a turn; calls its argument, in some later turn, with a dataspace ref."""
+
+
+def in_process(then: Callable[[Any], None]) -> None:
+    """The embedded dataspace, in an actor of its own."""
+    receiver_facet = turn.active_facet()
+
+    class Receiver(actor.Entity):
+        def on_message(self, v: Any) -> None:
+            then(v.embeddedValue)
+
+    receiver = turn.ref(Receiver())
+
+    def boot() -> None:
+        turn.prevent_inert_check()
+        turn.send(receiver, Embedded(turn.ref(Dataspace())))
+
+    assert receiver_facet.alive
+    turn.spawn(boot, name="dataspace", daemon=True)
+
+
+TARGETS: dict[str, Target] = {"in-process": in_process}
+
+
+def run_system(boot: Callable[[], None]) -> None:
+    actor.System(loop=asyncio.new_event_loop()).run(boot, configure_logging=False)
+
+
+# --------------------------------------------------------------------------- index only
+
+
+class _CountingDelivery:
+    def __init__(self) -> None:
+        self.events = 0
+
+    def assert_captures(self, observer: Any, captures: tuple[Any, ...]) -> Any:
+        self.events += 1
+        return captures
+
+    def retract_captures(self, handle: Any) -> None:
+        self.events += 1
+
+    def send_captures(self, observer: Any, captures: tuple[Any, ...]) -> None:
+        self.events += 1
+
+
+def bench_index(events: int) -> float:
+    """Assert+retract events per second straight into the index, 100 other observers."""
+    delivery = _CountingDelivery()
+    index = Index(delivery)
+    index.add_observer("want", analyse(P.rec("want", P.CAPTURE, P._)), object())
+    for i in range(100):  # observers of another shape must not slow wants down
+        index.add_observer(("av", i), analyse(P.rec("available", P.lit(f"h{i}"), P.CAPTURE)), i)
+    values = [Record(WANT, [f"{i:032d}", FETCH]) for i in range(events // 2)]
+    start = time.perf_counter()
+    frozen = [freeze(v) for v in values]
+    for value in frozen:
+        index.insert(value)
+    for value in frozen:
+        index.remove(value)
+    elapsed = time.perf_counter() - start
+    assert delivery.events == events // 2 * 2, delivery.events
+    return (events // 2 * 2) / elapsed
+
+
+# --------------------------------------------------------------------------- through turns
+
+
+def bench_turns(target: Target, events: int, batch: int = 1000) -> float:
+    """Assert+retract events per second published through turns to the dataspace."""
+    seen = [0]
+    result: list[float] = []
+
+    class Counter(actor.Entity):
+        def on_publish(self, v: Any, handle: Any) -> None:
+            seen[0] += 1
+
+        def on_retract(self, handle: Any) -> None:
+            seen[0] += 1
+
+    def boot() -> None:
+        turn.prevent_inert_check()
+
+        def start(ds: Any) -> None:
+            counter = turn.ref(Counter())
+            turn.publish(ds, syndicate_dataspace.dataspace.Observe(
+                P.rec("want", P.CAPTURE, P._), counter))
+            rounds = max(1, events // (2 * batch))
+            began = [0.0]
+
+            def run_round(n: int) -> None:
+                if n == rounds:
+                    elapsed = time.perf_counter() - began[0]
+                    result.append(rounds * batch * 2 / elapsed)
+                    assert seen[0] == rounds * batch * 2, seen[0]
+                    turn.stop_actor()
+                    return
+                handles = [turn.publish(ds, Record(WANT, [f"{n}-{i}", FETCH]))
+                           for i in range(batch)]
+
+                def retract_all() -> None:
+                    for handle in handles:
+                        turn.retract(handle)
+                    turn.sync(ds, lambda: turn.sync(counter, lambda: run_round(n + 1)))
+
+                turn.sync(ds, retract_all)
+
+            def go() -> None:
+                began[0] = time.perf_counter()
+                run_round(0)
+
+            turn.sync(ds, lambda: turn.sync(counter, go))
+
+        target(start)
+
+    run_system(boot)
+    return result[0]
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+@dataclass
+class Latency:
+    p50_ms: float
+    p99_ms: float
+    count: int
+
+
+def bench_round_trip(target: Target, count: int) -> Latency:
+    samples: list[float] = []
+
+    def boot() -> None:
+        turn.prevent_inert_check()
+
+        def start(ds: Any) -> None:
+            def fetcher() -> None:
+                @syndicate_dataspace.during(ds, P.rec("want", P.CAPTURE, P._))
+                def _(h: str) -> None:
+                    turn.publish(ds, Record(AVAILABLE, [h, "bench", f"file:///{h}"]))
+
+            class Next(actor.Entity):
+                """Starts each request from this long-lived facet, not inside the last one."""
+
+                def on_message(self, n: Any) -> None:
+                    request(ds, n, next_request)
+
+            next_request = turn.ref(Next())
+            turn.spawn(fetcher, name="fetcher", daemon=True)
+            # let the fetcher's interest land before the first request
+            turn.sync(ds, lambda: turn.sync(ds, lambda: request(ds, 0, next_request)))
+
+        def request(ds: Any, n: int, next_request: Any) -> None:
+            if n == count:
+                turn.stop_actor()
+                return
+            h = f"{n:032d}"
+            began = time.perf_counter()
+
+            @turn.facet
+            def waiting() -> None:
+                turn.publish(ds, Record(WANT, [h, FETCH]))
+
+                @syndicate_dataspace.during(ds, P.rec("available", P.lit(h), P._, P._))
+                def _() -> None:
+                    samples.append(time.perf_counter() - began)
+                    turn.stop(waiting)  # retracts the want and the interest
+                    turn.send(next_request, n + 1)
+
+        target(start)
+
+    run_system(boot)
+    samples.sort()
+    return Latency(
+        p50_ms=statistics.median(samples) * 1000,
+        p99_ms=samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1000,
+        count=len(samples),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--round-trips", type=int, default=5_000)
+    parser.add_argument("--target", choices=sorted(TARGETS), action="append")
+    args = parser.parse_args()
+
+    print(f"index only:   {bench_index(args.events):>12,.0f} assert+retract events/s")
+    for name in args.target or list(TARGETS):
+        target = TARGETS[name]
+        rate = bench_turns(target, args.events)
+        latency = bench_round_trip(target, args.round_trips)
+        print(f"{name}: turns {rate:>12,.0f} events/s   round trip p50 {latency.p50_ms:.3f} ms"
+              f"  p99 {latency.p99_ms:.3f} ms  ({latency.count} requests)")
+
+
+if __name__ == "__main__":
+    main()
