@@ -538,3 +538,14 @@ def test_malformed_observe_is_kept_as_plain_data() -> None:
     )
     (r,) = recorders
     assert ("not a pattern",) in r.visible
+
+
+@pytest.mark.parametrize("bad", [
+    "x",
+    rec("lit", rec("want", 1)),  # a literal holds an atom; compounds are groups
+    rec("group", rec("set"), ImmutableDict({})),
+    rec("bind"),
+])
+def test_analyse_names_what_is_not_a_pattern(bad: Any) -> None:
+    with pytest.raises(ProtocolError, match="not a dataspace pattern|holds an atom"):
+        analyse(bad)
