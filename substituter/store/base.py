@@ -9,8 +9,6 @@ them into the 32 raw bytes.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
@@ -18,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from substituter.errors import HashError, HashMismatch, SizeMismatch, StorePathError
+from substituter.nix.hashes import Hash
+from substituter.nix.store_path import StorePath
 
 __all__ = [
     "DEFAULT_STORE_DIR",
@@ -96,55 +96,14 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
-_NIX32_ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
-_NIX32_VALUES = {c: i for i, c in enumerate(_NIX32_ALPHABET)}
-_SHA256_SIZE = 32
-
-
-def _nix32_decode_sha256(text: str) -> bytes:
-    # The first character holds the most significant 5 bits of the little-endian number.
-    # (A small local decoder so this package stands alone; substituter.nix owns the codec.)
-    value = 0
-    for char in text:
-        digit = _NIX32_VALUES.get(char)
-        if digit is None:
-            raise HashError(f"{char!r} is not a nix-base32 character in {text!r}")
-        value = value * 32 + digit
-    if value >> (8 * _SHA256_SIZE):
-        raise HashError(f"nix-base32 hash {text!r} has bits set beyond 256")
-    return value.to_bytes(_SHA256_SIZE, "little")
-
-
 def nar_hash_digest(nar_hash: str) -> bytes:
     """The 32 bytes of a sha256 NarHash written in any form Nix accepts (see module doc)."""
-    if nar_hash.startswith("sha256-"):
-        body = nar_hash[len("sha256-") :]
-    elif nar_hash.startswith("sha256:"):
-        body = nar_hash[len("sha256:") :]
-    elif ":" in nar_hash or "-" in nar_hash:
+    parsed = Hash.parse(nar_hash, default_algorithm="sha256")
+    if parsed.algorithm != "sha256":
         raise HashError(f"NarHash {nar_hash!r} is not a sha256 hash")
-    else:
-        body = nar_hash
-    if len(body) == 64:
-        try:
-            return bytes.fromhex(body)
-        except ValueError as exc:
-            raise HashError(f"NarHash {nar_hash!r} is not valid hex") from exc
-    if len(body) == 52:
-        return _nix32_decode_sha256(body)
-    if len(body) == 44:
-        try:
-            digest = base64.b64decode(body, validate=True)
-        except binascii.Error as exc:
-            raise HashError(f"NarHash {nar_hash!r} is not valid base64") from exc
-        if len(digest) == _SHA256_SIZE:
-            return digest
-    raise HashError(f"NarHash {nar_hash!r} has no recognisable sha256 encoding")
+    return parsed.digest
 
 
-# 32 nix-base32 characters, then a name Nix accepts in every version (2.8 also refuses a
-# leading period).
-_BASE_NAME = re.compile(r"[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+\-_?=][A-Za-z0-9+\-._?=]{0,210}")
 _CONTENT_ADDRESS = re.compile(r"(text:sha256|fixed:(r:)?(md5|sha1|sha256|sha512)):[A-Za-z0-9+/=]+")
 
 
@@ -152,7 +111,12 @@ def check_store_path(path: str, store_dir: str = DEFAULT_STORE_DIR) -> str:
     """Return ``path`` if it is a well-formed store path in ``store_dir``, else raise
     StorePathError. (A daemon given a malformed path drops the whole connection.)"""
     directory, _, base = path.rpartition("/")
-    if directory != store_dir or not _BASE_NAME.fullmatch(base):
+    try:
+        parsed = StorePath.parse(base)
+    except StorePathError as exc:
+        raise StorePathError(f"{path!r} is not a valid store path in {store_dir}: {exc}") from exc
+    # Nix 2.8 also refuses names starting with a period.
+    if directory != store_dir or parsed.name.startswith("."):
         raise StorePathError(f"{path!r} is not a valid store path in {store_dir}")
     return path
 
