@@ -91,13 +91,20 @@ async def nar(request: web.Request) -> web.StreamResponse:
     if not m:
         return _not_found("not a NAR of this cache")
     nar_hash, hash_part = m.groups()
-    res = await daemon.broker.resolve(hash_part, "fetch")
-    if res.info is None:
-        return _not_found(f"{hash_part}: {res.reason}")
-    if res.info.nar_hash.nix32() != nar_hash:
-        # The path is offered now with another NAR than the one this URL names.
-        return _not_found(f"{hash_part}: NarHash differs from the requested NAR")
-    size = res.info.nar_size
+    cache = daemon.nars.cache
+    cached = cache.get(nar_hash) if cache is not None else None
+    res = None
+    if cached is not None:
+        # Verified before it was cached, and named by its NarHash: no upstream is asked.
+        size = cached.nar_size
+    else:
+        res = await daemon.broker.resolve(hash_part, "fetch")
+        if res.info is None:
+            return _not_found(f"{hash_part}: {res.reason}")
+        if res.info.nar_hash.nix32() != nar_hash:
+            # The path is offered now with another NAR than the one this URL names.
+            return _not_found(f"{hash_part}: NarHash differs from the requested NAR")
+        size = res.info.nar_size
     offset = 0
     status = 200
     headers = {"Content-Type": "application/x-nix-nar", "Accept-Ranges": "bytes",
@@ -117,7 +124,7 @@ async def nar(request: web.Request) -> web.StreamResponse:
         return response
     sent = 0
     started = time.monotonic()
-    stream = daemon.nars.stream(res, offset)
+    stream = cache.open(nar_hash, offset) if cached is not None else daemon.nars.stream(res, offset)
     try:
         async for chunk in stream:
             if sent == 0 and not response.prepared:
@@ -126,7 +133,7 @@ async def nar(request: web.Request) -> web.StreamResponse:
             sent += len(chunk)
     except FetchError as exc:
         daemon.metrics.nar_failures.inc()
-        log.error("NAR %s for %s: %s; aborting the response", nar_hash, res.info.store_path, exc)
+        log.error("NAR %s for %s: %s; aborting the response", nar_hash, hash_part, exc)
         if not response.prepared:
             return web.Response(status=404, text=f"{exc}\n", headers=NO_STORE)
         # Content-Length is unmet: closing tells Nix the download failed.

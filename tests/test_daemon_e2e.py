@@ -149,3 +149,25 @@ def test_restart_between_runs_keeps_narinfo_urls_valid(nix: Nix, nix_keys, tmp_p
         store = tmp_path / "client-store"
         result = copy_from(nix, daemon.url, store, cache.public_key, cache.top)
         assert result.returncode == 0, result.stderr.decode() + daemon.log()
+
+
+def test_cached_nars_are_served_without_upstreams(nix: Nix, nix_keys, tmp_path: Path, serve_cache) -> None:
+    cache = build_cache(nix, nix_keys, tmp_path / "cache", "xz")
+    server = serve_cache(cache.root)
+    config = {"trusted-public-keys": [cache.public_key], "fetchers": [binary_cache(server.url)]}
+    daemon = DaemonProcess(tmp_path, config, nix.env)
+    hash_part = Path(cache.top).name[:32]
+    with daemon:
+        narinfo = httpx.get(f"{daemon.url}/{hash_part}.narinfo").text
+        url = next(line[5:] for line in narinfo.splitlines() if line.startswith("URL: "))
+        first = httpx.get(f"{daemon.url}/{url}")
+        assert first.status_code == 200
+    server.stop()  # the upstream is gone
+    with daemon:
+        again = httpx.get(f"{daemon.url}/{url}")
+        assert again.status_code == 200 and again.content == first.content
+        tail = httpx.get(f"{daemon.url}/{url}", headers={"Range": "bytes=100-"})
+        assert tail.status_code == 206 and tail.content == first.content[100:]
+        # A NarHash nobody vouches for is not served, cached or not.
+        wrong = url.replace(url[4:8], "0000")
+        assert httpx.get(f"{daemon.url}/{wrong}").status_code == 404
