@@ -31,6 +31,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -153,13 +154,14 @@ class Fixtures:
         return out
 
     def text_closure(self, n: int) -> tuple[str, list[str]]:
-        """A closure of `n` paths: `n - 1` small texts, each referencing its predecessor and the one
-        at half its index (a DAG of real references), and a top text referencing all of them."""
+        """A closure of `n` paths: `n - 1` small texts, text i referencing texts i/2 and i/3 (a DAG
+        of real references about log2(n) deep, like real closures rather than one long chain), and
+        a top text referencing all of them."""
         expr = (
             f'let stamp = "{self.stamp}";\n'
             "  step = acc: i: acc ++ [ (builtins.toFile \"bench-p${toString i}\"\n"
-            "    \"${stamp} ${toString i} ${if i == 0 then \"\" else builtins.elemAt acc (i - 1)} "
-            "${if i < 2 then \"\" else builtins.elemAt acc (i / 2)}\") ];\n"
+            "    \"${stamp} ${toString i} ${if i < 2 then \"\" else builtins.elemAt acc (i / 2)} "
+            "${if i < 3 then \"\" else builtins.elemAt acc (i / 3)}\") ];\n"
             f"  all = builtins.foldl' step [] (builtins.genList (i: i) {n - 1});\n"
             'in builtins.toFile "bench-top" (builtins.concatStringsSep "\\n" all)\n'
         )
@@ -242,7 +244,7 @@ def wait_for_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: f
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited: {log.read_text() if log.exists() else ''}")
+            raise RuntimeError(f"server for {url} exited: {log.read_text() if log.exists() else ''}")
         try:
             if httpx.get(url, timeout=1).status_code == 200:
                 return
@@ -434,6 +436,9 @@ def main() -> None:
     parser.add_argument("--rss-mib", type=int, default=1024)
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
     opts = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    # SIGTERM runs the `finally` blocks too, so no nginx or daemon is left behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     everything = not (opts.nar or opts.narinfo or opts.closure or opts.rss)
 
     work = opts.keep or Path(tempfile.mkdtemp(prefix="daemon-bench-"))

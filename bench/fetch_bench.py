@@ -1,0 +1,142 @@
+"""`substituter fetch` next to `nix copy --from file://` for the same closure.
+
+    .venv/bin/python bench/fetch_bench.py [--paths 200] [--compression zstd] [--runs 3]
+        [--no-chroot] [--no-daemon] [--keep DIR]
+
+A closure of --paths small paths (`builtins.toFile` texts with real references, as in
+daemon_bench.py) is signed and published with `nix copy --to file://DIR?compression=…`. Then, each
+into a fresh store, median of --runs:
+
+  chroot:  `substituter fetch --store DIR` (local-mirror fetcher on the cache directory)
+           against `nix copy --from file://DIR --to DIR`
+  daemon:  the same into a fresh private nix-daemon (untrusted client, the cache's key trusted):
+           `substituter fetch --store unix://SOCK` against `nix copy --to unix://SOCK`
+
+Every run gets a fresh state dir (empty NAR cache), XDG_CACHE_HOME and store; the result is
+checked with `nix-store --check-validity`.  Not a test: it prints figures, it does not pass or fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from daemon_bench import REPO, Fixtures, NixRunner, Published, remove_tree
+
+from tests.nixdaemon import private_daemon
+
+#: Copies the published closure into a store spec; returns wall seconds.
+Copier = Callable[[NixRunner, Published, str], float]
+
+
+def timed(args: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:4])} … failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return seconds
+
+
+def fetch_config(nix: NixRunner, pub: Published) -> Path:
+    """A fresh config: new state dir (so an empty NAR cache), the cache as a local mirror."""
+    home = nix.fresh_dir("fetch")
+    home.mkdir()
+    config = home / "config.json"
+    config.write_text(json.dumps({
+        "trusted-public-keys": [pub.public_key],
+        "state-dir": str(home / "state"),
+        "log-level": "warning",
+        "fetchers": [{"type": "local-mirror", "name": "mirror", "path": str(pub.cache)}],
+    }))
+    return config
+
+
+def ours(nix: NixRunner, pub: Published, store: str) -> float:
+    config = fetch_config(nix, pub)
+    args = [sys.executable, "-m", "substituter", "fetch", "--config", str(config), "--store", store, pub.top]
+    seconds = timed(args, nix.fresh_env())
+    remove_tree(config.parent)
+    return seconds
+
+
+def nix_copy(nix: NixRunner, pub: Published, store: str) -> float:
+    args = ["nix", "copy", "--from", f"file://{pub.cache}", "--to", store,
+            "--option", "trusted-public-keys", pub.public_key, pub.top]
+    return timed(args, nix.fresh_env())
+
+
+def into_chroot(nix: NixRunner, pub: Published, copier: Copier) -> float:
+    store = nix.fresh_dir("store")
+    seconds = copier(nix, pub, str(store))
+    nix.run("nix-store", "--store", str(store), "--check-validity", *pub.paths)
+    remove_tree(store)
+    return seconds
+
+
+def into_daemon(nix: NixRunner, pub: Published, copier: Copier) -> float:
+    root = nix.fresh_dir("nix-daemon")
+    with private_daemon(root, trusted=False, trusted_public_keys=[pub.public_key]) as daemon:
+        seconds = copier(nix, pub, daemon.store_url)
+        nix.run("nix-store", "--store", daemon.store_url, "--check-validity", *pub.paths)
+    remove_tree(root)
+    return seconds
+
+
+def startup_seconds(nix: NixRunner) -> float:
+    """What a `substituter` command costs before any work: interpreter and imports."""
+    return min(timed([sys.executable, "-m", "substituter", "fetch", "--help"], nix.env) for _ in range(3))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--paths", type=int, default=200)
+    parser.add_argument("--compression", choices=["zstd", "xz", "none"], default="zstd")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--no-chroot", action="store_true", help="skip the chroot-store part")
+    parser.add_argument("--no-daemon", action="store_true", help="skip the nix-daemon part")
+    parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
+    opts = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally` blocks
+
+    work = opts.keep or Path(tempfile.mkdtemp(prefix="fetch-bench-"))
+    work.mkdir(exist_ok=True)
+    nix = NixRunner(work)
+    fx = Fixtures(nix, work)
+    try:
+        top, _ = fx.text_closure(opts.paths)
+        pub = fx.publish(f"closure-{opts.paths}", top, opts.compression)
+        assert len(pub.paths) == opts.paths, f"closure has {len(pub.paths)} paths"
+        print(f"{len(pub.paths)}-path closure, file:// cache compression={opts.compression}; "
+              f"`substituter` start-up alone: {startup_seconds(nix):.2f} s ({REPO.name} checkout)\n")
+        print(f"{'into':<26} {'ours s':>7} {'nix s':>7} {'ratio':>6}   ours runs / nix runs")
+        targets = [("chroot store (DIR)", into_chroot, not opts.no_chroot),
+                   ("private nix-daemon (unix)", into_daemon, not opts.no_daemon)]
+        for label, into, enabled in targets:
+            if not enabled:
+                continue
+            ours_times, nix_times = [], []
+            for _ in range(opts.runs):
+                nix_times.append(into(nix, pub, nix_copy))
+                ours_times.append(into(nix, pub, ours))
+            a, b = statistics.median(ours_times), statistics.median(nix_times)
+            print(f"{label:<26} {a:>7.2f} {b:>7.2f} {a / b:>6.2f}   "
+                  f"{' '.join(f'{t:.2f}' for t in ours_times)} / {' '.join(f'{t:.2f}' for t in nix_times)}")
+        print("ratio = substituter fetch time / nix copy time (target <= 1.2)")
+    finally:
+        fx.delete_built()
+        if opts.keep is None:
+            remove_tree(work)
+
+
+if __name__ == "__main__":
+    main()
