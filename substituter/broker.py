@@ -148,7 +148,14 @@ class Broker:
             self._external(lambda: self._start(hash_part, active, intent))
         else:
             active.waiters.append(future)
-        return await future
+        try:
+            # The demand's own deadline normally decides it; this bounds the wait even when a
+            # fetcher attaching after that deadline keeps it open.
+            return await asyncio.wait_for(asyncio.shield(future), self.locate_timeout + 1.0)
+        except TimeoutError:
+            if future in active.waiters:
+                active.waiters.remove(future)
+            return self._resolution(active)
 
     def _resolution(self, active: _Active) -> Resolution:
         demand = active.demand

@@ -1,0 +1,141 @@
+"""The broker and fetcher hosts over a real embedded dataspace, with function-backed fetchers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from syndicate import actor, turn
+
+from substituter.broker import Broker, Resolution
+from substituter.dataspace.dataspace import Dataspace
+from substituter.fetcher_host import FetcherHost
+from substituter.plugin import FunctionFetcher, Offer, Unavailable
+from substituter.trust import TrustPolicy
+
+from .helpers import KEY, OTHER_KEY, make_info, make_nar, serve_bytes
+
+H = "0" * 32
+TRUST = TrustPolicy([str(KEY.public_key())])
+
+
+def run_with_broker(fetchers: list[FunctionFetcher], scenario: Callable[[Broker, Any], Awaitable[None]],
+                    locate_timeout: float = 1.0) -> None:
+    """Boot a dataspace, hosts for ``fetchers`` and a broker; run ``scenario``; fail on its error."""
+    loop = asyncio.new_event_loop()
+    outcome: dict[str, BaseException | None] = {"error": None}
+
+    def boot() -> None:
+        ds = turn.ref(Dataspace())
+        broker = Broker(ds, TRUST, locate_timeout=locate_timeout,
+                        local_fetchers={f.name: f for f in fetchers})
+        broker.boot()
+        for f in fetchers:
+            turn.facet(FetcherHost(f, ds, locate_timeout=locate_timeout).boot)
+        root = turn.active_facet()
+
+        @turn.linked_task()
+        async def main(_facet: Any) -> None:
+            await asyncio.sleep(0.05)  # let the <fetcher> assertions reach the broker
+            try:
+                await asyncio.wait_for(scenario(broker, root), 20)
+            except BaseException as exc:  # reported to the test below
+                outcome["error"] = exc
+            turn.external(root, lambda: turn.stop_actor())
+
+    actor.System(loop=loop).run(boot, configure_logging=False)
+    loop.close()
+    if outcome["error"] is not None:
+        raise outcome["error"]
+
+
+def offering(name: str, info: Any, delay: float = 0.0, priority: int = 50,
+             calls: list[tuple[str, float]] | None = None) -> FunctionFetcher:
+    async def locate(hash_part: str) -> Offer | Unavailable:
+        if calls is not None:
+            calls.append((name, time.monotonic()))
+        await asyncio.sleep(delay)
+        return Offer(info, f"test://{name}")
+
+    return FunctionFetcher(name, locate, serve_bytes(b""), priority=priority)
+
+
+def declining(name: str, delay: float = 0.0, priority: int = 50) -> FunctionFetcher:
+    async def locate(hash_part: str) -> Offer | Unavailable:
+        await asyncio.sleep(delay)
+        return Unavailable("404 (test)")
+
+    return FunctionFetcher(name, locate, serve_bytes(b""), priority=priority)
+
+
+def test_best_priority_wins_and_all_are_asked_at_once(tmp_path: Path) -> None:
+    info = make_info(make_nar(tmp_path, 1000))
+    calls: list[tuple[str, float]] = []
+    fetchers = [offering("slow-good", info, 0.2, 10, calls), offering("fast-worse", info, 0.0, 50, calls)]
+
+    async def scenario(broker: Broker, _root: Any) -> None:
+        res = await broker.resolve(H)
+        assert [c.fetcher for c in res.candidates][0] == "slow-good"
+        times = [t for _n, t in calls]
+        assert max(times) - min(times) < 0.1  # asked in parallel, not one after another
+
+    run_with_broker(fetchers, scenario)
+
+
+def test_answer_does_not_wait_for_worse_fetchers(tmp_path: Path) -> None:
+    info = make_info(make_nar(tmp_path, 1000))
+    fetchers = [offering("best", info, 0.0, 10), offering("hanging", info, 30.0, 90)]
+
+    async def scenario(broker: Broker, _root: Any) -> None:
+        started = time.monotonic()
+        res = await broker.resolve(H)
+        assert res.candidates[0].fetcher == "best"
+        assert time.monotonic() - started < 0.5  # not the 1 s deadline
+
+    run_with_broker(fetchers, scenario)
+
+
+def test_not_found_as_soon_as_all_declined(tmp_path: Path) -> None:
+    async def scenario(broker: Broker, _root: Any) -> None:
+        started = time.monotonic()
+        res: Resolution = await broker.resolve(H)
+        assert res.info is None and "404 (test)" in res.reason
+        assert time.monotonic() - started < 0.5
+
+    run_with_broker([declining("a"), declining("b", 0.05)], scenario, locate_timeout=5.0)
+
+
+def test_hanging_fetcher_is_bounded_by_the_deadline(tmp_path: Path) -> None:
+    async def scenario(broker: Broker, _root: Any) -> None:
+        started = time.monotonic()
+        res = await broker.resolve(H)
+        assert res.info is None and "no answer" in res.reason
+        assert 0.3 < time.monotonic() - started < 3
+
+    info = make_info(make_nar(tmp_path, 1000))
+    run_with_broker([declining("a"), offering("stuck", info, 60.0)], scenario, locate_timeout=0.5)
+
+
+def test_untrusted_offers_are_never_chosen(tmp_path: Path) -> None:
+    nar = make_nar(tmp_path, 1000)
+    forged = make_info(nar, key=OTHER_KEY)
+
+    async def scenario(broker: Broker, _root: Any) -> None:
+        res = await broker.resolve(H)
+        assert res.info is None and "other-key-1" in res.reason
+
+    run_with_broker([offering("forger", forged)], scenario)
+
+
+def test_garbage_hash_and_crashing_plugin_become_unavailable(tmp_path: Path) -> None:
+    async def boom(hash_part: str) -> Offer | Unavailable:
+        raise RuntimeError("plugin bug")
+
+    async def scenario(broker: Broker, _root: Any) -> None:
+        res = await broker.resolve(H)
+        assert res.info is None and "plugin bug" in res.reason
+
+    run_with_broker([FunctionFetcher("buggy", boom, serve_bytes(b""))], scenario)
