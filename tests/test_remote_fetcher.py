@@ -1,0 +1,204 @@
+"""Out-of-process fetchers: `substituter fetcher KIND` attached to a running daemon's dataspace.
+
+Everything here is real: a `substituter daemon` process, fetcher processes started with the CLI,
+HTTP caches on loopback built with real Nix, and `nix copy --from` the daemon.  The dataspace is
+observed the way an operator would, with `substituter status`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .cache_server import BuiltCache, build_cache, serve_cache  # noqa: F401  (fixture)
+from .conftest import Nix
+from .daemon_proc import DaemonProcess
+from .test_daemon_e2e import assert_intact, binary_cache, copy_from
+
+pytestmark = [pytest.mark.nix, pytest.mark.slow]
+
+#: Upper bound for waiting on something that must happen; a hang guard, never a speed assertion.
+PATIENCE = 30.0
+
+
+# --- helpers shared with test_status.py ------------------------------------------------------------
+
+
+def dataspace_args(daemon: DaemonProcess) -> list[str]:
+    """`--dataspace` and `--cap` naming the daemon's embedded dataspace."""
+    return ["--dataspace", f"unix:{daemon.state / 'dataspace.sock'}",
+            "--cap", f"@{daemon.state / 'dataspace.cap'}"]
+
+
+class FetcherProcess:
+    """A `substituter fetcher KIND …` process attached to a daemon's dataspace; output to a log."""
+
+    def __init__(self, daemon: DaemonProcess, kind: str, name: str, priority: int,
+                 options: dict[str, str], *, extra: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log_file = daemon.tmp / f"fetcher-{name}.log"
+        args = [sys.executable, "-m", "substituter", "fetcher", kind, *dataspace_args(daemon),
+                "--name", name, "--priority", str(priority)]
+        for key, value in options.items():
+            args += ["--option", f"{key}={value}"]
+        self.args = args + (extra or [])
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> FetcherProcess:
+        with open(self.log_file, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        return self
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=PATIENCE)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def fetchers() -> Iterator[list[FetcherProcess]]:
+    """Collects fetcher processes a test starts, so each is stopped when the test ends."""
+    started: list[FetcherProcess] = []
+    yield started
+    for f in started:
+        f.stop()
+
+
+def status(daemon: DaemonProcess, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """One-shot `substituter status` against the daemon's dataspace."""
+    return subprocess.run(
+        [sys.executable, "-m", "substituter", "status", *dataspace_args(daemon), *args],
+        env=env, capture_output=True, text=True, timeout=PATIENCE, check=False,
+    )
+
+
+def status_text(daemon: DaemonProcess, env: dict[str, str]) -> str:
+    result = status(daemon, env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def wait_for_status(daemon: DaemonProcess, env: dict[str, str], predicate: Callable[[str], bool],
+                    what: str) -> str:
+    """Poll `substituter status` until ``predicate`` holds for its output."""
+    deadline = time.monotonic() + PATIENCE
+    text = ""
+    while time.monotonic() < deadline:
+        text = status_text(daemon, env)
+        if predicate(text):
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"status never showed {what}; last:\n{text}\ndaemon log:\n{daemon.log()}")
+
+
+def fetcher_lines(text: str) -> dict[str, str]:
+    """The fetcher lines of a status display, by fetcher name."""
+    section = text.split("fetchers (", 1)[1].split("wants (", 1)[0]
+    lines = [line.strip() for line in section.splitlines()[1:] if line.strip()]
+    return {line.split()[0]: line for line in lines}
+
+
+def wait_for_fetcher(daemon: DaemonProcess, env: dict[str, str], fetcher: FetcherProcess) -> str:
+    def attached(text: str) -> bool:
+        if fetcher.proc is not None and fetcher.proc.poll() is not None:
+            raise AssertionError(f"fetcher {fetcher.name} exited with {fetcher.proc.returncode}:\n"
+                                 f"{fetcher.log()}")
+        return fetcher.name in fetcher_lines(text)
+
+    return wait_for_status(daemon, env, attached, f"fetcher {fetcher.name}")
+
+
+def daemon_config(public_key: str, *, fetchers: list[dict[str, Any]] | None = None,
+                  locate_timeout: float = 10.0) -> dict[str, Any]:
+    return {"trusted-public-keys": [public_key], "fetchers": fetchers or [],
+            "locate-timeout": locate_timeout}
+
+
+def metric_samples(daemon: DaemonProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the daemon's /metrics, keyed by (name, sorted labels)."""
+    text = httpx.get(f"{daemon.url}/metrics", timeout=PATIENCE).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def hash_part(store_path: str) -> str:
+    return Path(store_path).name[:32]
+
+
+# --- tests ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cache(nix: Nix, nix_keys: tuple[Path, Path, str], tmp_path: Path) -> BuiltCache:
+    return build_cache(nix, nix_keys, tmp_path / "cache", "xz")
+
+
+def test_nix_copies_through_an_out_of_process_fetcher(
+    nix: Nix, cache: BuiltCache, tmp_path: Path, serve_cache, fetchers: list[FetcherProcess]
+) -> None:
+    server = serve_cache(cache.root)
+    with DaemonProcess(tmp_path, daemon_config(cache.public_key), nix.env) as daemon:
+        remote = FetcherProcess(daemon, "binary-cache", "remote-http", 30, {"url": server.url})
+        fetchers.append(remote.start())
+        wait_for_fetcher(daemon, nix.env, remote)
+
+        store = tmp_path / "client-store"
+        result = copy_from(nix, daemon.url, store, cache.public_key, cache.top)
+        assert result.returncode == 0, result.stderr.decode() + daemon.log() + remote.log()
+        assert_intact(nix, store, cache.paths)
+        # The fetcher process only located; the daemon opened the NARs itself (HttpOpener).
+        nar_requests = [p for p in server.paths_requested() if p.startswith("nar/")]
+        assert len(nar_requests) == len(cache.paths)
+        assert {p for p in server.paths_requested() if p.endswith(".narinfo")} == {
+            f"{hash_part(p)}.narinfo" for p in cache.paths
+        }
+
+
+def test_metrics_count_offers_and_bytes_per_remote_fetcher(
+    nix: Nix, cache: BuiltCache, tmp_path: Path, serve_cache, fetchers: list[FetcherProcess]
+) -> None:
+    server = serve_cache(cache.root)
+    with DaemonProcess(tmp_path, daemon_config(cache.public_key), nix.env) as daemon:
+        remote = FetcherProcess(daemon, "binary-cache", "remote-http", 30, {"url": server.url})
+        fetchers.append(remote.start())
+        wait_for_fetcher(daemon, nix.env, remote)
+        result = copy_from(nix, daemon.url, tmp_path / "client-store", cache.public_key, cache.top)
+        assert result.returncode == 0, result.stderr.decode() + daemon.log()
+
+        samples = metric_samples(daemon)
+        offers = samples[("substituter_offers_total", (("answer", "trusted"), ("fetcher", "remote-http")))]
+        assert offers == len(cache.paths)
+        received = samples[("substituter_fetcher_bytes_total", (("fetcher", "remote-http"),))]
+        nar_sizes = sum(int(nix.text("nix-store", "-q", "--size", p)) for p in cache.paths)
+        assert received == nar_sizes
+        assert samples[("substituter_nar_bytes_served_total", ())] == nar_sizes
+        assert samples[("substituter_narinfo_requests_total", (("result", "hit"),))] >= len(cache.paths)
