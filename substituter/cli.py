@@ -123,8 +123,8 @@ def fetcher(kind: str, address: str, cap: str, name: str | None, priority: int |
     from .remote import run_remote_fetcher
 
     _setup_logging("info")
-    if cap.startswith("@"):
-        cap = Path(cap[1:]).read_text().strip()
+    cap = _read_cap(cap)
+    _check_dataspace(address, cap)
     try:
         cls = load_fetcher_type(kind)
         options = parse_options(cls.Options, _parse_option_pairs(option_pairs), f"fetcher {kind}")
@@ -148,7 +148,29 @@ def status(config_file: str | None, address: str | None, cap: str | None, watch:
 
     config = _load(config_file)
     address, cap = _dataspace_access(config, address, cap)
+    _check_dataspace(address, cap)
     sys.exit(run_status(address, cap, watch=watch))
+
+
+def _read_cap(cap: str) -> str:
+    """The capability text itself, or read from FILE when given as @FILE."""
+    if not cap.startswith("@"):
+        return cap
+    try:
+        return Path(cap[1:]).read_text().strip()
+    except OSError as exc:
+        raise click.UsageError(f"cannot read the capability file {cap[1:]}: {exc.strerror}") from exc
+
+
+def _check_dataspace(address: str, cap: str) -> None:
+    """A malformed address or capability is a usage error (exit 2), not a crash inside the actor."""
+    from .dataspace.connect import parse_address, parse_capability
+
+    try:
+        parse_address(address)
+        parse_capability(cap)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
 
 
 def _dataspace_access(config: Config, address: str | None, cap: str | None) -> tuple[str, str]:
@@ -166,8 +188,8 @@ def _dataspace_access(config: Config, address: str | None, cap: str | None) -> t
                     f"cannot read the dataspace capability {cap_file}: {exc.strerror} "
                     "(is the daemon running? pass --cap)"
                 ) from exc
-    elif cap.startswith("@"):
-        cap = Path(cap[1:]).read_text().strip()
+    else:
+        cap = _read_cap(cap)
     return address, cap
 
 
