@@ -179,6 +179,16 @@ class Broker:
                 except ProtocolError as exc:
                     log.warning("ignoring a malformed offer for %s: %s", hash_part, exc)
                     return None
+                if self._opener(record.fetcher, offer.uri) is None:
+                    # Counting it would serve a narinfo whose NAR must fail, where a 404 lets Nix
+                    # fall back to its next substituter (e.g. file:// offered by a remote fetcher).
+                    log.warning("%s offers %s, which no installed plugin can open", record.fetcher, offer.uri)
+                    self.metrics.offers.labels(record.fetcher, "unopenable").inc()
+                    scheme = urlsplit(offer.uri).scheme
+                    demand.declined(record.fetcher, f"offered a {scheme}: URI, which this daemon does not open "
+                                                    f"for that fetcher (it opens: {', '.join(sorted(self.openers))})")
+                    self._check(hash_part)
+                    return None
                 verdict = self.trust.judge(offer.info)
                 self.metrics.offers.labels(record.fetcher, "trusted" if verdict.trusted else "untrusted").inc()
                 if not verdict.trusted:
@@ -248,18 +258,18 @@ class Broker:
         for c in candidates:
             if c.fetcher in exclude or self._is_bad(res.hash_part, c.fetcher):
                 continue
-            opener = self._opener(c)
+            opener = self._opener(c.fetcher, c.offer.uri)
             if opener is None:
                 log.warning("%s offers %s, which no installed plugin can open", c.fetcher, c.offer.uri)
                 continue
             result.append(Source(c.fetcher, c.offer, opener))
         return result
 
-    def _opener(self, c: Candidate) -> Opener | None:
-        local = self.local_fetchers.get(c.fetcher)
+    def _opener(self, fetcher: str, uri: str) -> Opener | None:
+        local = self.local_fetchers.get(fetcher)
         if local is not None:
             return local.open
-        return self.openers.get(urlsplit(c.offer.uri).scheme)
+        return self.openers.get(urlsplit(uri).scheme)
 
     def events(self, res: Resolution) -> TransferEvents:
         """Callbacks asserting ``<transfer …>`` while bytes flow and ``<failed …>`` on failure."""

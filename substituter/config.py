@@ -65,6 +65,9 @@ class NarCacheConfig:
     enable: bool = True
     max_size: int = 10 * 1024**3
     path: Path | None = None
+    #: NARs up to this size are verified completely before their first byte is sent (so a
+    #: corrupt source is replaced invisibly); larger ones stream while being verified.
+    verify_first: int = 32 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,8 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         max_size=parse_size(cache_table.get("max-size", (int, str), NarCacheConfig.max_size),
                             "nar-cache.max-size"),
         path=Path(cache_path) if cache_path else None,
+        verify_first=parse_size(cache_table.get("verify-first", (int, str), NarCacheConfig.verify_first),
+                                "nar-cache.verify-first"),
     )
     cache_table.finish()
 

@@ -50,7 +50,7 @@ async def locate_with_policy(fetcher: Fetcher, hash_part: str, timeout: float) -
             break
         try:
             answer = await asyncio.wait_for(fetcher.locate(hash_part), remaining)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return Unavailable(f"no answer within {timeout:g} s")
         except asyncio.CancelledError:
             raise

@@ -4,6 +4,8 @@ One handler per resource, one route table registering GET and HEAD for each:
 
 * ``/nix-cache-info``          StoreDir, WantMassQuery, Priority
 * ``/<hash>.narinfo``          the best trusted narinfo, its URL pointing at our own NAR URL
+* ``/nar/<narhash>-<hash>.nar.zst`` the verified NAR as one zstd frame: the cached file itself
+  (sendfile, Range) or, while it is first fetched, the frame as it is written to the cache
 * ``/nar/<narhash>-<hash>.nar`` the verified, uncompressed NAR (Range supported)
 * ``/metrics``                 Prometheus metrics
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -28,7 +31,9 @@ from .errors import FetchError
 from .nix.narinfo import NarInfo
 
 if TYPE_CHECKING:
+    from .broker import Resolution
     from .daemon import Daemon
+    from .nar_cache import CachedNar
 
 __all__ = ["make_app", "nar_url"]
 
@@ -36,7 +41,7 @@ log = logging.getLogger("substituter.http")
 
 _NIX32 = "0123456789abcdfghijklmnpqrsvwxyz"
 _HASH_PART = re.compile(f"[{_NIX32}]{{32}}")
-_NAR_NAME = re.compile(f"([{_NIX32}]{{52}})-([{_NIX32}]{{32}})\\.nar")
+_NAR_NAME = re.compile(f"([{_NIX32}]{{52}})-([{_NIX32}]{{32}})\\.nar(\\.zst)?")
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 
 NARINFO_TYPE = "text/x-nix-narinfo"
@@ -46,12 +51,12 @@ DAEMON_KEY: web.AppKey[Daemon] = web.AppKey("daemon")
 
 def nar_url(info: NarInfo) -> str:
     """The daemon's own, content-addressed URL for a path's NAR (relative to the cache root)."""
-    return f"nar/{info.nar_hash.nix32()}-{info.hash_part}.nar"
+    return f"nar/{info.nar_hash.nix32()}-{info.hash_part}.nar.zst"
 
 
 def served_narinfo(info: NarInfo) -> bytes:
-    """The upstream narinfo with its signatures, describing our uncompressed NAR instead."""
-    return info.with_file(nar_url(info), "none", None, None).to_bytes()
+    """The upstream narinfo with its signatures, describing our zstd file of the NAR instead."""
+    return info.with_file(nar_url(info), "zstd", None, None).to_bytes()
 
 
 def _not_found(reason: str) -> web.Response:
@@ -85,30 +90,56 @@ async def narinfo(request: web.Request) -> web.Response:
     )
 
 
+IMMUTABLE = "max-age=31536000, immutable"
+
+
 async def nar(request: web.Request) -> web.StreamResponse:
     daemon = request.app[DAEMON_KEY]
     m = _NAR_NAME.fullmatch(request.match_info["name"])
     if not m:
         return _not_found("not a NAR of this cache")
-    nar_hash, hash_part = m.groups()
+    nar_hash, hash_part, zst = m.groups()
     cache = daemon.nars.cache
     cached = cache.get(nar_hash) if cache is not None else None
     res = None
-    if cached is not None:
-        # Verified before it was cached, and named by its NarHash: no upstream is asked.
-        size = cached.nar_size
-    else:
+    if cached is None:
+        # Not cached yet: only a trusted offer of exactly this NarHash will do.
         res = await daemon.broker.resolve(hash_part, "fetch")
         if res.info is None:
             return _not_found(f"{hash_part}: {res.reason}")
         if res.info.nar_hash.nix32() != nar_hash:
-            # The path is offered now with another NAR than the one this URL names.
             return _not_found(f"{hash_part}: NarHash differs from the requested NAR")
-        size = res.info.nar_size
+    if zst:
+        return await _nar_zstd(request, daemon, nar_hash, hash_part, cached, res)
+    return await _nar_raw(request, daemon, nar_hash, hash_part, cached, res)
+
+
+async def _nar_zstd(request: web.Request, daemon: Daemon, nar_hash: str, hash_part: str,
+                    cached: CachedNar | None, res: Resolution | None) -> web.StreamResponse:
+    headers = {"Content-Type": "application/zstd", "Cache-Control": IMMUTABLE}
+    if cached is None and res is not None and request.method != "HEAD":
+        try:
+            cached = await daemon.nars.cached_file(res)  # small NARs: verified whole first
+        except FetchError as exc:
+            return _nar_failed(daemon, nar_hash, hash_part, exc, None, request)
+    if cached is not None:
+        # Verified before it was cached and named by its NarHash: sendfile, Range, HEAD for free.
+        daemon.metrics.nar_bytes.inc(cached.file_size)
+        return web.FileResponse(cached.path, headers=headers)
+    assert res is not None
+    response = web.StreamResponse(headers=headers)  # length unknown while compressing: chunked
+    if request.method == "HEAD":
+        await response.prepare(request)
+        return response
+    return await _send(request, response, daemon.nars.stream_zstd(res), daemon, nar_hash, hash_part)
+
+
+async def _nar_raw(request: web.Request, daemon: Daemon, nar_hash: str, hash_part: str,
+                   cached: CachedNar | None, res: Resolution | None) -> web.StreamResponse:
+    size = cached.nar_size if cached is not None else res.info.nar_size  # type: ignore[union-attr]
     offset = 0
     status = 200
-    headers = {"Content-Type": "application/x-nix-nar", "Accept-Ranges": "bytes",
-               "Cache-Control": "max-age=31536000, immutable"}
+    headers = {"Content-Type": "application/x-nix-nar", "Accept-Ranges": "bytes", "Cache-Control": IMMUTABLE}
     if (rng := request.headers.get("Range")) is not None:
         rm = _RANGE.fullmatch(rng.strip())
         if rm is None or int(rm.group(1)) >= size or (rm.group(2) and int(rm.group(2)) < size - 1):
@@ -122,31 +153,46 @@ async def nar(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD":
         await response.prepare(request)
         return response
+    if cached is not None:
+        stream = daemon.nars.cache.open(nar_hash, offset)  # type: ignore[union-attr]
+    else:
+        stream = daemon.nars.stream(res, offset)  # type: ignore[arg-type]
+    return await _send(request, response, stream, daemon, nar_hash, hash_part)
+
+
+async def _send(request: web.Request, response: web.StreamResponse, stream: AsyncIterator[bytes],
+                daemon: Daemon, nar_hash: str, hash_part: str) -> web.StreamResponse:
+    """Stream to the client; if the source cannot finish, fail loudly (404 or a cut connection)."""
     sent = 0
     started = time.monotonic()
-    stream = cache.open(nar_hash, offset) if cached is not None else daemon.nars.stream(res, offset)
     try:
         async for chunk in stream:
-            if sent == 0 and not response.prepared:
+            if not response.prepared:
                 await response.prepare(request)
             await response.write(chunk)
             sent += len(chunk)
     except FetchError as exc:
-        daemon.metrics.nar_failures.inc()
-        log.error("NAR %s for %s: %s; aborting the response", nar_hash, hash_part, exc)
-        if not response.prepared:
-            return web.Response(status=404, text=f"{exc}\n", headers=NO_STORE)
-        # Content-Length is unmet: closing tells Nix the download failed.
-        if request.transport is not None:
-            request.transport.close()
-        return response
+        return _nar_failed(daemon, nar_hash, hash_part, exc, response, request)
     finally:
-        await stream.aclose()
+        await stream.aclose()  # type: ignore[attr-defined]
     if not response.prepared:
         await response.prepare(request)
     await response.write_eof()
     daemon.metrics.nar_bytes.inc(sent)
     daemon.metrics.nar_seconds.observe(time.monotonic() - started)
+    return response
+
+
+def _nar_failed(daemon: Daemon, nar_hash: str, hash_part: str, exc: Exception,
+                response: web.StreamResponse | None, request: web.Request) -> web.StreamResponse:
+    daemon.metrics.nar_failures.inc()
+    log.error("NAR %s for %s: %s; aborting the response", nar_hash, hash_part, exc)
+    if response is None or not response.prepared:
+        return web.Response(status=404, text=f"{exc}\n", headers=NO_STORE)
+    # The body is cut short (Content-Length unmet, or an unfinished chunked/zstd stream):
+    # closing tells Nix the download failed.
+    if request.transport is not None:
+        request.transport.close()
     return response
 
 

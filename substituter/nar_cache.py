@@ -22,7 +22,7 @@ import zstandard
 
 from .errors import SizeMismatch
 
-__all__ = ["NarCache", "CacheWriter", "CachedNar"]
+__all__ = ["CacheWriter", "CachedNar", "NarCache", "ZstdFrame"]
 
 log = logging.getLogger("substituter.nar_cache")
 
@@ -40,7 +40,7 @@ class CachedNar:
 
 
 class NarCache:
-    def __init__(self, directory: Path, max_size: int, *, level: int = 3) -> None:
+    def __init__(self, directory: Path, max_size: int, *, level: int = 1) -> None:
         self.directory = Path(directory)
         self.max_size = max_size
         self.level = level
@@ -94,7 +94,7 @@ class NarCache:
         if entry is None:
             raise FileNotFoundError(f"NAR {nar_hash} is not in the cache")
         # Opening the fd now keeps the data readable even if the entry is evicted meanwhile.
-        f = open(entry.path, "rb")
+        f = open(entry.path, "rb")  # noqa: ASYNC230 - one open of a local file; reads go to a thread
         try:
             reader = zstandard.ZstdDecompressor().stream_reader(f, read_size=READ_CHUNK)
             skip = offset
@@ -142,8 +142,31 @@ class NarCache:
                 log.debug("evicted %s (%d bytes)", nar_hash, entry.file_size)
 
 
+class ZstdFrame:
+    """One zstd frame built incrementally (checksummed, content size declared).
+
+    Compression runs in libzstd's own worker thread, so ``compress`` returns quickly and the
+    event loop is not held up; the output is what both the cache file and a client receive.
+    """
+
+    def __init__(self, size: int, level: int = 1) -> None:
+        compressor = zstandard.ZstdCompressor(level=level, threads=1, write_checksum=True,
+                                              write_content_size=True)
+        self._obj = compressor.compressobj(size=size)
+
+    def compress(self, data: bytes) -> bytes:
+        return self._obj.compress(data)
+
+    def finish(self) -> bytes:
+        return self._obj.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+
+
 class CacheWriter:
-    """Raw NAR bytes in, zstd to a temp file; visible only after :meth:`commit`."""
+    """Raw NAR bytes in, zstd to a temp file; visible only after :meth:`commit`.
+
+    ``write`` and ``commit`` return the compressed bytes they produced, so a caller can send the
+    very file it is caching while it is being written (the frame's end only after commit).
+    """
 
     def __init__(self, cache: NarCache, nar_hash: str, nar_size: int) -> None:
         self.cache = cache
@@ -151,50 +174,51 @@ class CacheWriter:
         self.nar_size = nar_size
         self.written = 0
         self._tmp = cache.directory / f".tmp-{nar_hash}-{os.getpid()}-{id(self):x}"
-        self._file = open(self._tmp, "wb")
-        params = zstandard.ZstdCompressionParameters.from_level(
-            cache.level, write_checksum=True, write_content_size=True
-        )
-        self._zstd = zstandard.ZstdCompressor(compression_params=params).stream_writer(
-            self._file, size=nar_size, closefd=False
-        )
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit/abort
+        self._frame = ZstdFrame(nar_size, cache.level)
         self._done = False
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> bytes:
         if self._done:
             raise ValueError("write after commit or abort")
         self.written += len(data)
         if self.written > self.nar_size:
             self.abort()
             raise SizeMismatch(f"more than NarSize {self.nar_size} bytes written to the cache")
-        self._zstd.write(data)
+        out = self._frame.compress(data)
+        if out:
+            self._file.write(out)
+        return out
 
-    async def commit(self) -> None:
+    async def commit(self) -> bytes:
+        """Check the size, finish the frame, make the entry visible; returns the frame's end."""
         if self._done:
-            return
+            return b""
         if self.written != self.nar_size:
             self.abort()
             raise SizeMismatch(f"cache got {self.written} bytes, NarSize is {self.nar_size}")
         self._done = True
         try:
-            await asyncio.to_thread(self._finish)
+            tail = self._frame.finish()
+            await asyncio.to_thread(self._finish, tail)
         except BaseException:
             self._tmp.unlink(missing_ok=True)
             raise
         final = self.cache._final_path(self.nar_hash, self.nar_size)
         if self.nar_hash in self.cache._entries:
             self._tmp.unlink(missing_ok=True)  # someone else cached it first
-            return
+            return tail
         file_size = self._tmp.stat().st_size
         if file_size > self.cache.max_size:
             log.info("NAR %s (%d bytes compressed) is larger than the cache; not kept", self.nar_hash, file_size)
             self._tmp.unlink(missing_ok=True)
-            return
+            return tail
         os.replace(self._tmp, final)
         self.cache._add(CachedNar(self.nar_hash, self.nar_size, file_size, final))
+        return tail
 
-    def _finish(self) -> None:
-        self._zstd.flush(zstandard.FLUSH_FRAME)
+    def _finish(self, tail: bytes) -> None:
+        self._file.write(tail)
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()

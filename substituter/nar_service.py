@@ -14,11 +14,11 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
+from .nar_cache import CachedNar, CacheWriter, NarCache, ZstdFrame
 from .transfer import Source, TransferEvents, TransferFailed, verified_nar
 
 if TYPE_CHECKING:
     from .broker import Resolution
-    from .nar_cache import NarCache
 
 __all__ = ["NarService", "DEFAULT_SPOOL_LIMIT"]
 
@@ -49,6 +49,40 @@ class NarService:
 
     def cached(self, nar_hash: str) -> bool:
         return self.cache is not None and self.cache.get(nar_hash) is not None
+
+    async def cached_file(self, res: Resolution) -> CachedNar | None:
+        """The verified zstd file of a small NAR, spooling it first if needed (None: stream it)."""
+        assert res.info is not None
+        if self.cache is None:
+            return None
+        nar_hash = res.info.nar_hash.nix32()
+        if self.cache.get(nar_hash) is None and res.info.nar_size <= self.spool_limit:
+            await self._spool_once(res, nar_hash)
+        return self.cache.get(nar_hash)
+
+    async def stream_zstd(self, res: Resolution) -> AsyncIterator[bytes]:
+        """A zstd frame of the verified NAR, produced while it streams (teed into the cache).
+
+        The frame's end (with its checksum) is yielded only after the NAR verified, so a client
+        never holds a complete frame of unverified bytes.
+        """
+        assert res.info is not None
+        info = res.info
+        writer: CacheWriter | ZstdFrame
+        if self.cache is not None:
+            writer = self.cache.writer(info.nar_hash.nix32(), info.nar_size)
+        else:
+            writer = ZstdFrame(info.nar_size)
+        try:
+            async for chunk in verified_nar(info, self._sources(res, set()), self._events(res)):
+                out = writer.write(chunk) if isinstance(writer, CacheWriter) else writer.compress(chunk)
+                if out:
+                    yield out
+            yield await writer.commit() if isinstance(writer, CacheWriter) else writer.finish()
+        except BaseException:
+            if isinstance(writer, CacheWriter):
+                writer.abort()
+            raise
 
     async def stream(self, res: Resolution, offset: int = 0) -> AsyncIterator[bytes]:
         """Yield the verified NAR from ``offset``; raises TransferFailed when it cannot."""

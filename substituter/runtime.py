@@ -24,7 +24,7 @@ from .errors import ConfigError, PluginError
 from .fetcher_host import FetcherHost
 from .metrics import Metrics
 from .nar_cache import NarCache
-from .nar_service import DEFAULT_SPOOL_LIMIT, NarService
+from .nar_service import NarService
 from .plugin import (
     Fetcher,
     FetcherContext,
@@ -54,7 +54,7 @@ def build_fetchers(config: Config) -> list[tuple[Fetcher, FetcherConfig]]:
 
 class Runtime:
     def __init__(self, config: Config, *, trust: TrustPolicy | None = None,
-                 spool_limit: int = DEFAULT_SPOOL_LIMIT, metrics: Metrics | None = None) -> None:
+                 spool_limit: int | None = None, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
         self.trust = trust or TrustPolicy(config.trusted_public_keys)
@@ -62,7 +62,7 @@ class Runtime:
         self.cache = (
             NarCache(config.nar_cache_dir, config.nar_cache.max_size) if config.nar_cache.enable else None
         )
-        self.spool_limit = spool_limit
+        self.spool_limit = config.nar_cache.verify_first if spool_limit is None else spool_limit
         self.openers = self._standalone_openers()
         self.ds: Any = None
         self.broker: Broker = None  # type: ignore[assignment]  # set by boot()

@@ -15,6 +15,7 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import (
     CompressionError,
@@ -41,8 +42,10 @@ Opener = Callable[[Offer, int], AsyncIterator[bytes]]
 #: Chunks at least this big are decompressed and hashed in a worker thread: hashlib, zstd, lzma
 #: and bz2 release the GIL, so the event loop keeps serving and a second core helps.
 THREAD_THRESHOLD = 256 * 1024
-#: Compressed input is decoded at most this much at a time.
-DECODE_PIECE = 256 * 1024
+#: Compressed input is decoded at most this much per library call.
+DECODE_PIECE = 128 * 1024
+#: Input from a source is gathered into pieces this big before it is decoded and hashed.
+COALESCE = 512 * 1024
 
 
 @dataclass(frozen=True)
@@ -147,9 +150,34 @@ async def _with_stall_timeout(
             chunk = await asyncio.wait_for(anext(it), timeout)
         except StopAsyncIteration:
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise TransientFetchError(f"{fetcher}: no data for {timeout:g} s (stalled)") from None
         yield chunk
+
+
+async def _coalesced(it: AsyncIterator[bytes], size: int) -> AsyncIterator[bytes]:
+    """Bytes from ``it`` in pieces of about ``size``: few, large steps for the worker threads.
+
+    If ``it`` fails, what it delivered before is still yielded, then the error is raised.
+    """
+    buffer = bytearray()
+    try:
+        async for chunk in it:
+            buffer += chunk
+            if len(buffer) >= size:
+                yield bytes(buffer)
+                buffer.clear()
+    except BaseException:
+        if buffer:
+            yield bytes(buffer)
+        raise
+    if buffer:
+        yield bytes(buffer)
+
+
+def _decode_all(decoder: Any, data: bytes) -> bytes:
+    """Decode in bounded pieces (one call's output is input x ratio), in one worker-thread step."""
+    return b"".join(decoder.decode(data[i:i + DECODE_PIECE]) for i in range(0, len(data), DECODE_PIECE))
 
 
 async def _nar_chunks(source: Source, offset: int, max_size: int, stall: float) -> AsyncIterator[bytes]:
@@ -160,17 +188,15 @@ async def _nar_chunks(source: Source, offset: int, max_size: int, stall: float) 
     decoder = None if raw else decompressor(compression, max_output=max_size)
     skip = 0 if raw else offset
     try:
-        async for received in _with_stall_timeout(stream, stall, source.fetcher):
-            # Bounded pieces keep one decode call's output (input x ratio) small.
-            for start in range(0, len(received), DECODE_PIECE):
-                chunk = received[start:start + DECODE_PIECE]
-                if decoder is not None:
-                    chunk = await _maybe_thread(decoder.decode, chunk) or b""
-                if skip:
-                    cut = min(skip, len(chunk))
-                    chunk, skip = chunk[cut:], skip - cut
-                if chunk:
-                    yield chunk
+        received = _with_stall_timeout(stream, stall, source.fetcher)
+        async for piece in _coalesced(received, COALESCE):
+            if decoder is not None:
+                piece = await _maybe_thread(lambda data: _decode_all(decoder, data), piece) or b""
+            if skip:
+                cut = min(skip, len(piece))
+                piece, skip = piece[cut:], skip - cut
+            if piece:
+                yield piece
         if decoder is not None:
             tail = decoder.flush()
             if skip:

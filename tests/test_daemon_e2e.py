@@ -8,8 +8,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import zstandard
 
-from .cache_server import build_cache, serve_cache  # noqa: F401  (fixture)
+from .cache_server import build_cache
 from .conftest import Nix
 from .daemon_proc import DaemonProcess
 
@@ -144,8 +145,10 @@ def test_restart_between_runs_keeps_narinfo_urls_valid(nix: Nix, nix_keys, tmp_p
     url = next(line[5:] for line in narinfo.splitlines() if line.startswith("URL: "))
     with daemon:  # same port, same state dir: a narinfo cached by Nix still leads to the NAR
         nar = httpx.get(f"{daemon.url}/{url}")
-        assert nar.status_code == 200
-        assert nar.content == nix.run("nix-store", "--dump", cache.top)
+        assert nar.status_code == 200 and url.endswith(".nar.zst")
+        assert zstandard.ZstdDecompressor().decompress(nar.content) == nix.run("nix-store", "--dump", cache.top)
+        raw = httpx.get(f"{daemon.url}/{url.removesuffix('.zst')}")  # the uncompressed form too
+        assert raw.status_code == 200 and raw.content == nix.run("nix-store", "--dump", cache.top)
         store = tmp_path / "client-store"
         result = copy_from(nix, daemon.url, store, cache.public_key, cache.top)
         assert result.returncode == 0, result.stderr.decode() + daemon.log()
@@ -171,3 +174,43 @@ def test_cached_nars_are_served_without_upstreams(nix: Nix, nix_keys, tmp_path: 
         # A NarHash nobody vouches for is not served, cached or not.
         wrong = url.replace(url[4:8], "0000")
         assert httpx.get(f"{daemon.url}/{wrong}").status_code == 404
+
+
+@pytest.mark.parametrize("compression", ["xz", "none"])
+def test_streaming_large_nars_verifies_while_sending(nix: Nix, nix_keys, tmp_path: Path, serve_cache,
+                                                    compression: str) -> None:
+    cache = build_cache(nix, nix_keys, tmp_path / "cache", compression)
+    server = serve_cache(cache.root)
+    config = {"trusted-public-keys": [cache.public_key], "fetchers": [binary_cache(server.url)],
+              "nar-cache": {"verify-first": 0}}  # every NAR streams through
+    with DaemonProcess(tmp_path, config, nix.env) as daemon:
+        store = tmp_path / "client-store"
+        result = copy_from(nix, daemon.url, store, cache.public_key, cache.top)
+        assert result.returncode == 0, result.stderr.decode() + daemon.log()
+        assert_intact(nix, store, cache.paths)
+
+
+def test_streaming_from_a_corrupt_source_never_completes_unverified(
+        nix: Nix, nix_keys, tmp_path: Path, serve_cache) -> None:
+    cache = build_cache(nix, nix_keys, tmp_path / "cache", "none")
+    evil = serve_cache(cache.root)
+    evil.corrupt(300)
+    config = {"trusted-public-keys": [cache.public_key], "fetchers": [binary_cache(evil.url, "evil")],
+              "nar-cache": {"verify-first": 0}}
+    with DaemonProcess(tmp_path, config, nix.env) as daemon:
+        hash_part = Path(cache.top).name[:32]
+        narinfo = httpx.get(f"{daemon.url}/{hash_part}.narinfo").text
+        url = next(line[5:] for line in narinfo.splitlines() if line.startswith("URL: "))
+        try:
+            response = httpx.get(f"{daemon.url}/{url}")
+        except httpx.HTTPError:
+            pass  # the connection was cut: fine
+        else:  # a 404 before any byte, or never a complete frame
+            if response.status_code == 200:
+                with pytest.raises(zstandard.ZstdError):
+                    zstandard.ZstdDecompressor().decompress(response.content)
+        store = tmp_path / "client-store"
+        result = copy_from(nix, daemon.url, store, cache.public_key, cache.top)
+        assert result.returncode != 0
+        assert not (store / "nix" / "store" / Path(cache.top).name).exists()
+        assert "hash mismatch" in daemon.log()

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from .cache_server import build_cache, serve_cache  # noqa: F401  (fixture)
+from .cache_server import build_cache
 from .conftest import Nix
-from .nixdaemon import nix_daemon_factory  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.nix]
 
@@ -88,7 +87,7 @@ def test_usage_errors_exit_2(nix: Nix, nix_keys, tmp_path: Path) -> None:
 def test_unsigned_paths_need_no_require_sigs(nix: Nix, nix_keys, tmp_path: Path) -> None:
     cache = build_cache(nix, nix_keys, tmp_path / "mirror", "none")
     for narinfo in cache.root.glob("*.narinfo"):
-        narinfo.write_text("".join(l + "\n" for l in narinfo.read_text().splitlines() if not l.startswith("Sig:")))
+        narinfo.write_text("".join(line + "\n" for line in narinfo.read_text().splitlines() if not line.startswith("Sig:")))
     config = write_config(tmp_path, cache.public_key, [{"type": "local-mirror", "path": str(cache.root)}])
     store = tmp_path / "chroot"
     refused = run_fetch(nix, config, "--store", str(store), cache.top)

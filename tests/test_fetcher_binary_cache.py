@@ -21,7 +21,6 @@ from tests.cache_server import (  # noqa: F401  (serve_cache is a fixture)
     CacheServer,
     build_cache,
     closed_port,
-    serve_cache,
 )
 from tests.conftest import Nix
 

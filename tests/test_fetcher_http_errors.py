@@ -104,7 +104,7 @@ async def test_burst_of_5xx_then_success(
     # jittered exponential: each delay within [ceiling/2, ceiling], ceilings doubling
     ceilings = [0.2, 0.4, 0.8]
     assert len(delays(fetcher)) == 3
-    for delay, ceiling in zip(delays(fetcher), ceilings):
+    for delay, ceiling in zip(delays(fetcher), ceilings, strict=True):
         assert ceiling / 2 <= delay <= ceiling
 
 

@@ -230,7 +230,7 @@ def test_public_names() -> None:
 
 def test_every_definition_in_the_schema_is_documented() -> None:
     values = list(preserves.Parser(SCHEMA_PATH.read_text(), include_annotations=True))
-    names = [v for v, nxt in zip(values, values[1:]) if nxt == Symbol("=")]
+    names = [v for v, nxt in zip(values, values[1:], strict=False) if nxt == Symbol("=")]
     assert {n.item.name for n in names} == {c.NAME.name for c in RECORDS} | {"Intent"}
     for name in names:
         docs = [preserves.strip_annotations(a) for a in name.annotations]
