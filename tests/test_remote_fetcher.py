@@ -7,7 +7,6 @@ observed the way an operator would, with `substituter status`.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .cache_server import BuiltCache, build_cache, serve_cache  # noqa: F401  (fixture)
+from .cache_server import BuiltCache, build_cache
 from .conftest import Nix
 from .daemon_proc import DaemonProcess
 from .test_daemon_e2e import assert_intact, binary_cache, copy_from
@@ -202,3 +201,128 @@ def test_metrics_count_offers_and_bytes_per_remote_fetcher(
         assert received == nar_sizes
         assert samples[("substituter_nar_bytes_served_total", ())] == nar_sizes
         assert samples[("substituter_narinfo_requests_total", (("result", "hit"),))] >= len(cache.paths)
+
+
+def test_a_standing_want_is_answered_when_a_fetcher_attaches(
+    nix: Nix, cache: BuiltCache, tmp_path: Path, serve_cache, fetchers: list[FetcherProcess]
+) -> None:
+    # An in-process fetcher whose cache never finishes a narinfo keeps the want standing.
+    stuck = serve_cache(cache.root)
+    release = stuck.stall(after=0, match="*.narinfo", times=100)
+    good = serve_cache(cache.root)
+    slow = {**binary_cache(stuck.url, "stuck", 50), "stall-timeout": 120, "locate-timeout": 120}
+    config = daemon_config(cache.public_key, fetchers=[slow], locate_timeout=120)
+    wanted = hash_part(cache.top)
+    with DaemonProcess(tmp_path, config, nix.env) as daemon:
+        answer: dict[str, httpx.Response] = {}
+        request = threading.Thread(target=lambda: answer.setdefault(
+            "narinfo", httpx.get(f"{daemon.url}/{wanted}.narinfo", timeout=120)))
+        request.start()
+        try:
+            before = wait_for_status(daemon, nix.env, lambda text: wanted in text, "the standing want")
+            assert "0 offer(s), 0 unavailable" in before
+            assert set(fetcher_lines(before)) == {"stuck"}
+            assert "narinfo" not in answer
+
+            remote = FetcherProcess(daemon, "binary-cache", "late", 10, {"url": good.url})
+            fetchers.append(remote.start())
+            request.join(PATIENCE)
+            assert not request.is_alive(), "the narinfo request was not answered after the fetcher attached"
+        finally:
+            release.set()
+            request.join(PATIENCE)
+        response = answer["narinfo"]
+        assert response.status_code == 200, response.text + daemon.log()
+        assert f"StorePath: {cache.top}\n" in response.text
+        assert f"{wanted}.narinfo" in good.paths_requested()
+
+
+def test_killed_fetcher_leaves_nothing_behind_and_misses_stay_fast(
+    nix: Nix, cache: BuiltCache, tmp_path: Path, serve_cache, fetchers: list[FetcherProcess]
+) -> None:
+    server = serve_cache(cache.root)
+    locate_timeout = 10.0
+    # A live in-process fetcher that has nothing: with no fetcher at all the broker waits out the
+    # deadline on purpose (one may be attaching), which is not what this test is about.
+    (tmp_path / "empty").mkdir()
+    empty = {"type": "local-mirror", "name": "empty", "path": str(tmp_path / "empty"),
+             "check-cache-info": False}
+    config = daemon_config(cache.public_key, fetchers=[empty], locate_timeout=locate_timeout)
+    top, dep = cache.top, next(p for p in cache.paths if p != cache.top)
+    with DaemonProcess(tmp_path, config, nix.env) as daemon:
+        doomed = FetcherProcess(daemon, "binary-cache", "doomed", 20, {"url": server.url})
+        fetchers.append(doomed.start())
+        wait_for_fetcher(daemon, nix.env, doomed)
+        served = httpx.get(f"{daemon.url}/{hash_part(top)}.narinfo", timeout=PATIENCE)
+        assert served.status_code == 200, served.text
+        nar_url = next(line[5:] for line in served.text.splitlines() if line.startswith("URL: "))
+        offered = status_text(daemon, nix.env)
+        assert f"{hash_part(top)} query  1 offer(s)" in offered
+
+        doomed.kill9()
+        gone = wait_for_status(daemon, nix.env, lambda text: "doomed" not in fetcher_lines(text),
+                               "the killed fetcher retracted")
+        assert set(fetcher_lines(gone)) == {"empty"}
+        assert "1 offer(s)" not in gone  # its offers went with it
+
+        for wanted in (hash_part(top), hash_part(dep)):  # a lingering demand, and a fresh one
+            started = time.monotonic()
+            miss = httpx.get(f"{daemon.url}/{wanted}.narinfo", timeout=PATIENCE)
+            elapsed = time.monotonic() - started
+            assert miss.status_code == 404, miss.text
+            assert "empty: not in" in miss.text and "doomed" not in miss.text
+            # A behavioural bound: nobody waits out the locate deadline for a dead fetcher.
+            assert elapsed < 3.0 < locate_timeout, f"{wanted}: 404 took {elapsed:.1f} s"
+        assert httpx.get(f"{daemon.url}/{nar_url}", timeout=PATIENCE).status_code == 404
+
+
+@pytest.mark.parametrize("cap", [
+    '<ref {oid: "substituter" sig: #x"00112233445566778899aabbccddeeff"}>',  # forged signature
+    '<ref {oid: "someone-else" sig: #x"00112233445566778899aabbccddeeff"}>',  # unknown object
+])
+def test_fetcher_with_a_forged_capability_exits_2_and_asserts_nothing(
+    nix: Nix, cache: BuiltCache, tmp_path: Path, serve_cache, cap: str
+) -> None:
+    server = serve_cache(cache.root)
+    with DaemonProcess(tmp_path, daemon_config(cache.public_key), nix.env) as daemon:
+        args = [sys.executable, "-m", "substituter", "fetcher", "binary-cache",
+                "--dataspace", f"unix:{daemon.state / 'dataspace.sock'}", "--cap", cap,
+                "--name", "intruder", "--option", f"url={server.url}"]
+        result = subprocess.run(args, env=nix.env, capture_output=True, text=True, timeout=PATIENCE)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "refused" in result.stderr and "capability" in result.stderr, result.stderr
+        view = status_text(daemon, nix.env)
+        assert "fetchers (0):" in view and "intruder" not in view
+        miss = httpx.get(f"{daemon.url}/{hash_part(cache.top)}.narinfo", timeout=PATIENCE)
+        assert miss.status_code == 404
+
+
+def test_capability_that_does_not_parse_is_a_usage_error(nix: Nix, tmp_path: Path, serve_cache) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "substituter", "fetcher", "binary-cache", "--dataspace",
+         f"unix:{tmp_path / 'nowhere.sock'}", "--cap", "not a capability", "--option",
+         "url=http://127.0.0.1:9"],
+        env=nix.env, capture_output=True, text=True, timeout=PATIENCE,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "capability" in result.stderr, result.stderr
+
+
+def test_remote_offers_of_local_files_are_not_served(
+    nix: Nix, cache: BuiltCache, tmp_path: Path, fetchers: list[FetcherProcess]
+) -> None:
+    with DaemonProcess(tmp_path, daemon_config(cache.public_key), nix.env) as daemon:
+        mirror = FetcherProcess(daemon, "local-mirror", "remote-files", 10, {"path": str(cache.root)})
+        fetchers.append(mirror.start())
+        wait_for_fetcher(daemon, nix.env, mirror)
+
+        # The daemon must not read local files a peer names; such an offer is no offer at all.
+        narinfo = httpx.get(f"{daemon.url}/{hash_part(cache.top)}.narinfo", timeout=PATIENCE)
+        assert narinfo.status_code == 404, narinfo.text
+        assert "file" in narinfo.text and "remote-files" in narinfo.text
+
+        store = tmp_path / "client-store"
+        result = copy_from(nix, daemon.url, store, cache.public_key, cache.top)
+        assert result.returncode != 0
+        assert not any((store / "nix" / "store" / Path(p).name).exists() for p in cache.paths)
+        assert "remote-files" in daemon.log() and "file://" in daemon.log()
