@@ -220,11 +220,12 @@ def fetch(paths: tuple[str, ...], config_file: str | None, store_spec: str, jobs
     sys.exit(code)
 
 
-def _add_plugin_commands() -> None:
-    """Tools that come with built-in plugins (e.g. `substituter eris publish`)."""
+@main.command("eris", context_settings={"ignore_unknown_options": True, "help_option_names": []},
+              add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def eris(args: tuple[str, ...]) -> None:
+    """ERIS: publish binary caches as encrypted blocks, and serve them (`eris --help`)."""
+    # Imported on use: the ERIS tools pull in aiohttp's server and the codec.
     from fetchers.eris.cli import eris_group
 
-    main.add_command(eris_group, "eris")
-
-
-_add_plugin_commands()
+    eris_group.main(list(args), prog_name="substituter eris", standalone_mode=True)

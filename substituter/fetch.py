@@ -15,7 +15,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -192,16 +192,25 @@ async def fetch_closure(runtime: Any, store: Store, roots: list[str], *, jobs: i
                 progress.add_bytes(len(chunk))
 
     downloads = {r.hash_part: asyncio.ensure_future(download(r)) for r in order}
+
+    async def verified(res: Resolution) -> AsyncIterator[bytes]:
+        """The path's NAR from the verified cache, once its download finished."""
+        try:
+            await downloads[res.hash_part]
+            async for chunk in runtime.nars.stream(res, 0):
+                yield chunk
+        except (FetchError, SubstituterError) as exc:
+            failures[res.info.store_path] = str(exc)
+            raise
+        progress.path_done(res.info.store_path, "imported")
+
     try:
-        for res in order:
-            info = res.info
-            try:
-                await downloads[res.hash_part]
-                await store.add_to_store_nar(to_path_info(info), runtime.nars.stream(res, 0))
-            except (FetchError, StoreError, SubstituterError) as exc:
-                failures[info.store_path] = str(exc)
-                break  # later paths may depend on this one; stop importing
-            progress.path_done(info.store_path, "imported")
+        # One operation for the whole closure (one `nix-store --import`, or one daemon
+        # AddMultipleToStore): references come first, each path is registered whole or not at all.
+        await store.add_multiple_to_store((to_path_info(r.info), verified(r)) for r in order)
+    except (FetchError, StoreError, SubstituterError) as exc:
+        if not failures:
+            failures["(import)"] = str(exc)
     finally:
         for task in downloads.values():
             task.cancel()
