@@ -244,7 +244,7 @@ def run_fetch(config: Any, targets: list[str], store_spec: str, *, jobs: int = 8
 
     trust = TrustPolicy(config.trusted_public_keys)
     runtime = Runtime(config, trust=trust if require_sigs else _AcceptAll(trust),  # type: ignore[arg-type]
-                      spool_limit=2**63)
+                      spool_limit=2**63, durable_cache=False)
     loop = asyncio.new_event_loop()
     result = {"code": 1}
 

@@ -40,10 +40,12 @@ class CachedNar:
 
 
 class NarCache:
-    def __init__(self, directory: Path, max_size: int, *, level: int = 1) -> None:
+    def __init__(self, directory: Path, max_size: int, *, level: int = 1, durable: bool = True) -> None:
         self.directory = Path(directory)
         self.max_size = max_size
         self.level = level
+        #: fsync each entry before it becomes visible (off for throwaway spools, e.g. one `fetch`).
+        self.durable = durable
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, CachedNar] = OrderedDict()  # least recently used first
@@ -220,7 +222,8 @@ class CacheWriter:
     def _finish(self, tail: bytes) -> None:
         self._file.write(tail)
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if self.cache.durable:
+            os.fsync(self._file.fileno())
         self._file.close()
 
     def abort(self) -> None:

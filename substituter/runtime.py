@@ -54,13 +54,15 @@ def build_fetchers(config: Config) -> list[tuple[Fetcher, FetcherConfig]]:
 
 class Runtime:
     def __init__(self, config: Config, *, trust: TrustPolicy | None = None,
-                 spool_limit: int | None = None, metrics: Metrics | None = None) -> None:
+                 spool_limit: int | None = None, metrics: Metrics | None = None,
+                 durable_cache: bool = True) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
         self.trust = trust or TrustPolicy(config.trusted_public_keys)
         self.fetchers = build_fetchers(config)
         self.cache = (
-            NarCache(config.nar_cache_dir, config.nar_cache.max_size) if config.nar_cache.enable else None
+            NarCache(config.nar_cache_dir, config.nar_cache.max_size, durable=durable_cache)
+            if config.nar_cache.enable else None
         )
         self.spool_limit = config.nar_cache.verify_first if spool_limit is None else spool_limit
         self.openers = self._standalone_openers()
