@@ -217,7 +217,8 @@ class Broker:
         self._check(hash_part)
 
     def _deadline(self, hash_part: str, active: _Active) -> None:
-        if self._active.get(hash_part) is active and active.demand.pending:
+        # Not `demand.pending`: a demand with no fetcher at all has none pending, yet is undecided.
+        if self._active.get(hash_part) is active and not active.demand.decided:
             active.demand.deadline_passed()
             self._check(hash_part)
 
