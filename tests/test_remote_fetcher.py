@@ -327,3 +327,29 @@ def test_remote_offers_of_local_files_are_not_served(
         assert result.returncode != 0
         assert not any((store / "nix" / "store" / Path(p).name).exists() for p in cache.paths)
         assert "remote-files" in daemon.log() and "file://" in daemon.log()
+
+
+def test_without_fetchers_the_deadline_answers_once_and_a_late_fetcher_still_serves(
+    nix: Nix, cache: BuiltCache, tmp_path: Path, serve_cache, fetchers: list[FetcherProcess]
+) -> None:
+    server = serve_cache(cache.root)
+    locate_timeout = 5.0
+    top = hash_part(cache.top)
+    with DaemonProcess(tmp_path, daemon_config(cache.public_key, locate_timeout=locate_timeout),
+                       nix.env) as daemon:
+        # No fetcher yet: the broker waits out the deadline (one may be attaching), then says so.
+        first = httpx.get(f"{daemon.url}/{top}.narinfo", timeout=PATIENCE)
+        assert first.status_code == 404, first.text
+        # That answer stands for the lingering demand; asking again does not wait again.
+        started = time.monotonic()
+        again = httpx.get(f"{daemon.url}/{top}.narinfo", timeout=PATIENCE)
+        elapsed = time.monotonic() - started
+        assert again.status_code == 404, again.text
+        assert elapsed < 3.0 < locate_timeout, f"the repeated miss waited {elapsed:.1f} s"
+
+        late = FetcherProcess(daemon, "binary-cache", "late", 30, {"url": server.url})
+        fetchers.append(late.start())
+        wait_for_fetcher(daemon, nix.env, late)
+        found = httpx.get(f"{daemon.url}/{top}.narinfo", timeout=PATIENCE)
+        assert found.status_code == 200, found.text + daemon.log()
+        assert f"StorePath: {cache.top}\n" in found.text
