@@ -353,3 +353,22 @@ def test_without_fetchers_the_deadline_answers_once_and_a_late_fetcher_still_ser
         found = httpx.get(f"{daemon.url}/{top}.narinfo", timeout=PATIENCE)
         assert found.status_code == 200, found.text + daemon.log()
         assert f"StorePath: {cache.top}\n" in found.text
+
+
+def test_fetcher_reattaches_after_the_daemon_restarts(
+    nix: Nix, cache: BuiltCache, tmp_path: Path, serve_cache, fetchers: list[FetcherProcess]
+) -> None:
+    server = serve_cache(cache.root)
+    daemon = DaemonProcess(tmp_path, daemon_config(cache.public_key), nix.env)
+    with daemon:
+        remote = FetcherProcess(daemon, "binary-cache", "steady", 30, {"url": server.url})
+        fetchers.append(remote.start())
+        wait_for_fetcher(daemon, nix.env, remote)
+    # Same state dir: same key, so the capability the fetcher holds is still good.
+    with daemon:
+        wait_for_fetcher(daemon, nix.env, remote)
+        assert remote.proc is not None and remote.proc.poll() is None
+        store = tmp_path / "client-store"
+        result = copy_from(nix, daemon.url, store, cache.public_key, cache.top)
+        assert result.returncode == 0, result.stderr.decode() + daemon.log() + remote.log()
+        assert_intact(nix, store, cache.paths)
