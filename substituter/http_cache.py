@@ -49,14 +49,21 @@ NO_STORE = {"Cache-Control": "no-store"}
 DAEMON_KEY: web.AppKey[Daemon] = web.AppKey("daemon")
 
 
-def nar_url(info: NarInfo) -> str:
+def nar_url(info: NarInfo, compressed: bool) -> str:
     """The daemon's own, content-addressed URL for a path's NAR (relative to the cache root)."""
-    return f"nar/{info.nar_hash.nix32()}-{info.hash_part}.nar.zst"
+    return f"nar/{info.nar_hash.nix32()}-{info.hash_part}.nar" + (".zst" if compressed else "")
 
 
-def served_narinfo(info: NarInfo) -> bytes:
-    """The upstream narinfo with its signatures, describing our zstd file of the NAR instead."""
-    return info.with_file(nar_url(info), "zstd", None, None).to_bytes()
+def served_narinfo(info: NarInfo, cached: CachedNar | None) -> bytes:
+    """The upstream narinfo with its signatures, describing our own file of the NAR instead.
+
+    A NAR already in the verified cache is offered as that zstd file (sent with sendfile);
+    otherwise as the plain NAR, streamed while it is verified (no compression work on the way,
+    and a known length).  Both URLs stay valid whatever the cache holds later.
+    """
+    if cached is not None:
+        return info.with_file(nar_url(info, True), "zstd", None, cached.file_size).to_bytes()
+    return info.with_file(nar_url(info, False), "none", info.nar_hash, info.nar_size).to_bytes()
 
 
 def _not_found(reason: str) -> web.Response:
@@ -83,8 +90,10 @@ async def narinfo(request: web.Request) -> web.Response:
         log.info("%s.narinfo: not found (%s)", hash_part, res.reason)
         return _not_found(f"{hash_part}: {res.reason}")
     daemon.metrics.narinfo_requests.labels("hit").inc()
+    cache = daemon.nars.cache
+    cached = cache.get(res.info.nar_hash.nix32()) if cache is not None else None
     return web.Response(
-        body=served_narinfo(res.info),
+        body=served_narinfo(res.info, cached),
         content_type=NARINFO_TYPE,
         headers={"Cache-Control": "max-age=86400"},
     )

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from .nar_cache import CachedNar, CacheWriter, NarCache, ZstdFrame
-from .transfer import Source, TransferEvents, TransferFailed, verified_nar
+from .transfer import Source, TransferEvents, TransferFailed, prefetched, verified_nar
 
 if TYPE_CHECKING:
     from .broker import Resolution
@@ -74,8 +74,10 @@ class NarService:
         else:
             writer = ZstdFrame(info.nar_size)
         try:
-            async for chunk in verified_nar(info, self._sources(res, set()), self._events(res)):
-                out = writer.write(chunk) if isinstance(writer, CacheWriter) else writer.compress(chunk)
+            verified = verified_nar(info, self._sources(res, set()), self._events(res))
+            async for chunk in prefetched(verified):
+                compress = writer.write if isinstance(writer, CacheWriter) else writer.compress
+                out = await asyncio.to_thread(compress, chunk)
                 if out:
                     yield out
             yield await writer.commit() if isinstance(writer, CacheWriter) else writer.finish()
@@ -117,7 +119,7 @@ class NarService:
             writer = self.cache.writer(nar_hash, res.info.nar_size)
             try:
                 async for chunk in verified_nar(res.info, sources, self._events(res)):
-                    writer.write(chunk)
+                    await asyncio.to_thread(writer.write, chunk)
                 await writer.commit()
                 return
             except TransferFailed as exc:
@@ -143,17 +145,27 @@ class NarService:
             else None
         )
         position = 0
+        compressing: asyncio.Future[bytes] | None = None
         try:
-            async for chunk in verified_nar(res.info, self._sources(res, set()), self._events(res)):
+            verified = verified_nar(res.info, self._sources(res, set()), self._events(res))
+            async for chunk in prefetched(verified):
                 if writer is not None:
-                    writer.write(chunk)
+                    # Compression for the cache runs in a thread (it releases the GIL) while the
+                    # chunk is sent; chunks still reach the writer one after another, in order.
+                    if compressing is not None:
+                        await compressing
+                    compressing = asyncio.ensure_future(asyncio.to_thread(writer.write, chunk))
                 end = position + len(chunk)
                 if end > offset:
                     yield chunk[max(0, offset - position):]
                 position = end
             if writer is not None:
+                if compressing is not None:
+                    await compressing
                 await writer.commit()
         except BaseException:
+            if compressing is not None:
+                await asyncio.gather(compressing, return_exceptions=True)
             if writer is not None:
                 writer.abort()
             raise

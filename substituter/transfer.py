@@ -33,7 +33,8 @@ from .nix.nar import NarParser
 from .nix.narinfo import NarInfo
 from .plugin import Offer
 
-__all__ = ["Source", "TransferEvents", "verified_nar", "TransferFailed"]
+__all__ = [
+    "prefetched","Source", "TransferEvents", "verified_nar", "TransferFailed"]
 
 log = logging.getLogger("substituter.transfer")
 
@@ -175,6 +176,47 @@ async def _coalesced(it: AsyncIterator[bytes], size: int) -> AsyncIterator[bytes
         yield bytes(buffer)
 
 
+_END = object()
+
+
+async def prefetched(it: AsyncIterator[bytes], depth: int = 4) -> AsyncIterator[bytes]:
+    """Run ``it`` ahead of its consumer (at most ``depth`` items), so that stages overlap:
+    reading the network, decoding and hashing in worker threads, and sending to a client.
+
+    Errors of ``it`` reach the consumer in order; closing the consumer cancels ``it``.
+    """
+    queue: asyncio.Queue[Any] = asyncio.Queue(depth)
+
+    async def produce() -> None:
+        try:
+            async for item in it:
+                await queue.put(item)
+            await queue.put(_END)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # handed to the consumer
+            await queue.put(exc)
+
+    task = asyncio.ensure_future(produce())
+    try:
+        while True:
+            item = await queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 def _decode_all(decoder: Any, data: bytes) -> bytes:
     """Decode in bounded pieces (one call's output is input x ratio), in one worker-thread step."""
     return b"".join(decoder.decode(data[i:i + DECODE_PIECE]) for i in range(0, len(data), DECODE_PIECE))
@@ -189,7 +231,7 @@ async def _nar_chunks(source: Source, offset: int, max_size: int, stall: float) 
     skip = 0 if raw else offset
     try:
         received = _with_stall_timeout(stream, stall, source.fetcher)
-        async for piece in _coalesced(received, COALESCE):
+        async for piece in prefetched(_coalesced(received, COALESCE)):
             if decoder is not None:
                 piece = await _maybe_thread(lambda data: _decode_all(decoder, data), piece) or b""
             if skip:
