@@ -202,12 +202,30 @@ def _dataspace_access(config: Config, address: str | None, cap: str | None) -> t
               help="NARs downloaded at once.")
 @click.option("--require-sigs/--no-require-sigs", default=True, show_default=True,
               help="Refuse input-addressed paths without a signature from a trusted key.")
+@click.option("--dataspace", "address", default=None,
+              help="Attach to a running daemon's dataspace (or a syndicate-server) and use its fetchers.")
+@click.option("--cap", default=None, help="Capability for --dataspace, or @FILE (default: the daemon's).")
 def fetch(paths: tuple[str, ...], config_file: str | None, store_spec: str, jobs: int,
-          require_sigs: bool) -> None:
-    """Fetch the closures of PATHS (store paths or hash parts), verified, into a Nix store."""
+          require_sigs: bool, address: str | None, cap: str | None) -> None:
+    """Fetch the closures of PATHS (store paths or hash parts), verified, into a Nix store.
+
+    By default the configured fetchers run in this process.  With --dataspace the demand goes to
+    a running daemon's dataspace and its fetchers answer (plus any configured with --config);
+    verification and trust stay here, with this config's trusted-public-keys.
+    """
+    import dataclasses
+
     from .fetch import parse_targets, run_fetch
 
     config = _load(config_file)
+    if address is not None or cap is not None:
+        address, cap = _dataspace_access(config, address, cap)
+        _check_dataspace(address, cap)
+        config = dataclasses.replace(
+            config,
+            dataspace=dataclasses.replace(config.dataspace, connect=address, cap=cap),
+            fetchers=config.fetchers if config_file is not None else (),
+        )
     _setup_logging("warning" if config.log_level == "info" else config.log_level)
     try:
         targets = parse_targets(paths, config.store_dir)

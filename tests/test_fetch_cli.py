@@ -142,3 +142,24 @@ def test_sigint_mid_fetch_leaves_nothing_half_registered(nix: Nix, nix_keys, tmp
         assert check.returncode != 0, f"{path} is registered after an interrupted fetch"
         assert not (daemon.real_store_dir / Path(path).name).exists()
     assert os.path.exists(daemon.socket_path)
+
+
+def test_fetch_attached_to_a_running_daemon(nix: Nix, nix_keys, tmp_path: Path, serve_cache) -> None:
+    from .daemon_proc import DaemonProcess
+
+    cache = build_cache(nix, nix_keys, tmp_path / "cache", "zstd")
+    server = serve_cache(cache.root)
+    daemon_config = {"trusted-public-keys": [cache.public_key],
+                     "fetchers": [{"type": "binary-cache", "name": "daemons-cache", "url": server.url}]}
+    with DaemonProcess(tmp_path, daemon_config, nix.env) as daemon:
+        # Only trust comes from this side's config; the fetchers are the daemon's.
+        config = write_config(tmp_path, cache.public_key, [])
+        store = tmp_path / "chroot"
+        result = run_fetch(nix, config, "--store", str(store),
+                           "--dataspace", f'<unix "{daemon.state / "dataspace.sock"}">',
+                           "--cap", f"@{daemon.state / 'dataspace.cap'}", cache.top)
+        assert result.returncode == 0, result.stderr + daemon.log()
+        assert_intact(nix, store, cache.paths)
+        # The demand went through the daemon's dataspace: its fetcher located every path.
+        narinfos = [p for p in server.paths_requested("GET") if p.endswith(".narinfo")]
+        assert len(narinfos) >= len(cache.paths)
