@@ -46,6 +46,7 @@ __all__ = [
     "Answer",
     "Fetcher",
     "FetcherContext",
+    "DataspaceLink",
     "UriOpener",
     "FunctionFetcher",
     "NoOptions",
@@ -91,12 +92,31 @@ class Unavailable:
 Answer = Offer | Unavailable
 
 
+@dataclass
+class DataspaceLink:
+    """The dataspace a fetcher's host is attached to, for fetchers that exchange data over it.
+
+    ``ref`` is the dataspace and ``facet`` a facet that lives as long as it is reachable (act in it
+    with ``turn.external``).  The host sets both on every (re)attachment; both are None while
+    detached.
+    """
+
+    ref: Any = None
+    facet: Any = None
+
+    @property
+    def attached(self) -> bool:
+        return self.ref is not None and self.facet is not None and bool(self.facet.alive)
+
+
 @dataclass(frozen=True)
 class FetcherContext:
-    """What the core gives a fetcher: where it may keep state, and the store dir in use."""
+    """What the core gives a fetcher: where it may keep state, the store dir in use, and (where
+    the host offers it) the dataspace it is attached to."""
 
     store_dir: str = "/nix/store"
     state_dir: Path | None = None
+    dataspace: DataspaceLink | None = None
 
 
 class UriOpener(abc.ABC):

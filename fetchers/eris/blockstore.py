@@ -243,15 +243,14 @@ class FallbackBlockStore:
         for store in self.stores:
             try:
                 block = await store.get(ref)
+                if block is None:
+                    continue
+                check_block(ref, block)
             except FetchError as exc:
                 transient = transient or isinstance(exc, TransientFetchError)
                 problems.append(f"{store.describe()}: {exc}")
                 continue
-            if block is None:
-                continue
-            try:
-                check_block(ref, block)
-            except (HashMismatch, ErisError) as exc:
+            except (HashMismatch, ErisError) as exc:  # from check_block, or a checking store
                 log.warning("%s served a damaged block: %s", store.describe(), exc)
                 damaged = True
                 problems.append(f"{store.describe()}: {exc}")

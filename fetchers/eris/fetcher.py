@@ -1,7 +1,8 @@
 """The ``eris`` fetcher: store paths whose NARs are ERIS-encoded into content-addressed blocks.
 
 An index maps a store hash part to a read capability and the path's signed narinfo; the blocks
-come from one or more block stores (directories or HTTP N2R servers, tried in order).
+come from one or more block stores (directories, HTTP N2R servers, or ``dataspace:`` - peers
+answering interest in the dataspace the fetcher's host is attached to - tried in order).
 
 Offers name the capability as ``eris:urn:eris:<base32>``: the ``eris`` scheme says which plugin
 opens it, the rest is the standard ERIS URN. ``open`` decodes with every block checked against
@@ -30,8 +31,10 @@ from substituter.errors import (
 from substituter.nix.store_path import validate_hash_part
 from substituter.plugin import Answer, Fetcher, FetcherContext, Offer, Unavailable
 
-from .blockstore import BlockStore, decode_from, open_block_stores
+from .blockstore import BlockStore, FallbackBlockStore, decode_from, open_block_store
 from .codec import ErisError, ReadCapability
+from .dataspace_store import SCHEME as DATASPACE_SPEC
+from .dataspace_store import DataspaceBlockStore
 from .index import ErisIndex, open_index
 
 __all__ = ["ErisFetcher", "ErisOptions", "URI_SCHEME", "offer_uri", "parse_offer_uri"]
@@ -63,7 +66,10 @@ class ErisOptions:
         }
     )
     blocks: list[str] = field(
-        metadata={"help": "block directories and/or N2R server URLs, asked in this order"}
+        metadata={
+            "help": "block directories, N2R server URLs and/or `dataspace:` (peers in the"
+            " dataspace this fetcher is attached to), asked in this order"
+        }
     )
     concurrency: int = field(default=16, metadata={"help": "most blocks fetched at once per NAR"})
     timeout: float = field(
@@ -106,11 +112,27 @@ class ErisFetcher(Fetcher):
         opts = self.options
         try:
             self._index = open_index(opts.index, timeout=opts.timeout)
-            self._store = open_block_stores(
-                opts.blocks, timeout=opts.timeout, max_connections=opts.concurrency
-            )
+            self._store = self._open_block_stores()
         except ValueError as exc:
             raise ConfigError(f"{self.name}: {exc}") from exc
+
+    def _open_block_stores(self) -> BlockStore:
+        opts = self.options
+        stores: list[BlockStore] = []
+        for spec in opts.blocks:
+            if spec == DATASPACE_SPEC:
+                link = self.context.dataspace
+                if link is None:
+                    raise ValueError(
+                        f"blocks {spec!r} needs the host's dataspace; this host offers none"
+                        " (run the fetcher in the daemon or with `substituter fetcher`)"
+                    )
+                stores.append(DataspaceBlockStore(link, timeout=opts.timeout))
+            else:
+                stores.append(
+                    open_block_store(spec, timeout=opts.timeout, max_connections=opts.concurrency)
+                )
+        return stores[0] if len(stores) == 1 else FallbackBlockStore(stores)
 
     async def stop(self) -> None:
         if self._index is not None:
