@@ -2,10 +2,16 @@
 
     .venv/bin/python bench/dataspace_bench.py [--events 200000] [--round-trips 5000]
 
-Measured per *target* (how a client reaches a dataspace). This file has the in-process
-target (the embedded ``Dataspace`` in the same actor system); a relay or syndicate-server
-target is one more ``Target`` in ``TARGETS`` (a function that hands a dataspace ref to a
-continuation, inside a turn). Three figures:
+Measured per *target* (how a client reaches a dataspace), each a ``Target`` in ``TARGETS``
+(a function that hands a dataspace ref to a continuation, inside a turn):
+
+  in-process        the embedded ``Dataspace`` in the same actor system
+  relay             the embedded ``Dataspace`` served by ``substituter.dataspace.relay`` in
+                    another process, reached over its unix socket with a sturdy ref
+  syndicate-server  a real syndicate-server (if on PATH or ~/.cargo/bin), unix socket
+
+Over a socket the requester and the fetcher share one connection, so a round trip crosses it
+four times (want out, want in to the fetcher, available out, available in). Three figures:
 
   index       assert+retract events/s straight into ``Index`` (no turns): the matching cost
   turns       assert+retract events/s published by an actor through syndicate-py turns, each
@@ -14,15 +20,21 @@ continuation, inside a turn). Three figures:
               ``<available h ...>``, which a fetcher actor observing ``<want ?h _>`` asserts;
               p50 / p99 of that, one request at a time
 
-Targets: >= 100k events/s in process, round trip p50 <= 0.2 ms. Not a test: it prints.
+Targets: >= 100k events/s in process, round trip p50 <= 0.2 ms in process and <= 1 ms over
+the relay. Not a test: it prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +49,8 @@ from syndicate import actor, turn  # noqa: E402
 from syndicate import dataspace as syndicate_dataspace  # noqa: E402
 
 from substituter.dataspace import Dataspace  # noqa: E402
+from substituter.dataspace.connect import connect  # noqa: E402
+from substituter.dataspace.gatekeeper import mint  # noqa: E402
 from substituter.dataspace.index import Index, analyse, freeze  # noqa: E402
 
 WANT = Symbol("want")
@@ -65,7 +79,73 @@ def in_process(then: Callable[[Any], None]) -> None:
     turn.spawn(boot, name="dataspace", daemon=True)
 
 
-TARGETS: dict[str, Target] = {"in-process": in_process}
+RELAY_SERVER_SCRIPT = r"""
+import asyncio, sys
+from pathlib import Path
+from syndicate import actor, turn
+from substituter.dataspace import Dataspace
+from substituter.dataspace.relay import serve_dataspace
+
+def boot():
+    listener = serve_dataspace(turn.ref(Dataspace()), bytes.fromhex(sys.argv[2]),
+                               unix_path=Path(sys.argv[1]))
+
+    @turn.linked_task()
+    async def announce(facet):
+        await listener.ready
+        print("ready", flush=True)
+        return True
+
+actor.System(loop=asyncio.new_event_loop()).run(boot, configure_logging=False)
+"""
+
+_children: list[subprocess.Popen[bytes]] = []
+
+
+@atexit.register
+def _stop_children() -> None:
+    for child in _children:
+        child.terminate()
+        child.wait()
+
+
+def _connected(addr: str, cap: str, then: Callable[[Any], None]) -> None:
+    connect(addr, cap)(then)
+
+
+def relay(then: Callable[[Any], None]) -> None:
+    """The embedded dataspace behind the relay, in a server process of its own."""
+    key = os.urandom(32)
+    socket_path = Path(tempfile.mkdtemp(prefix="relay-bench-")) / "ds.sock"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    server = subprocess.Popen(
+        [sys.executable, "-c", RELAY_SERVER_SCRIPT, str(socket_path), key.hex()],
+        stdout=subprocess.PIPE, env=env,
+    )
+    _children.append(server)
+    assert server.stdout is not None
+    if server.stdout.readline().strip() != b"ready":  # blocks this turn once, at start-up
+        raise RuntimeError("relay server process did not start")
+    _connected(f'<unix "{socket_path}">', mint(key, "substituter"), then)
+
+
+def syndicate_server(then: Callable[[Any], None]) -> None:
+    """A real syndicate-server, configured like the tests' one."""
+    from tests.syndicate_server import SyndicateServer
+
+    executable = shutil.which("syndicate-server") or str(
+        Path.home() / ".cargo" / "bin" / "syndicate-server")
+    server = SyndicateServer(Path(tempfile.mkdtemp(prefix="syndicate-bench-")), executable)
+    server.start()
+    atexit.register(server.stop)
+    _connected(server.unix_addr, server.cap, then)
+
+
+TARGETS: dict[str, Target] = {
+    "in-process": in_process,
+    "relay": relay,
+    "syndicate-server": syndicate_server,
+}
 
 
 def run_system(boot: Callable[[], None]) -> None:
@@ -232,7 +312,12 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"index only:   {bench_index(args.events):>12,.0f} assert+retract events/s")
-    for name in args.target or list(TARGETS):
+    chosen = args.target or [
+        name for name in TARGETS
+        if name != "syndicate-server" or shutil.which("syndicate-server")
+        or (Path.home() / ".cargo" / "bin" / "syndicate-server").exists()
+    ]
+    for name in chosen:
         target = TARGETS[name]
         rate = bench_turns(target, args.events)
         latency = bench_round_trip(target, args.round_trips)

@@ -8,8 +8,8 @@ it into a test module to use it.
 ``ClientProcess`` runs a tiny dataspace client (``CLIENT_SCRIPT``) in a separate OS process
 through ``substituter.dataspace.connect``: it asserts ``<hello NAME>`` (plus any extra
 assertions) on every connection and prints ``+ VALUE`` / ``- VALUE`` for the ``<hello _>``
-assertions it sees come and go, ``connected`` on each accepted capability and ``refused
-REASON`` when its capability is turned away.
+assertions it sees come and go, ``connected`` on each accepted capability, ``synced`` when a
+sync with the dataspace completes, and ``refused REASON`` when its capability is turned away.
 """
 
 from __future__ import annotations
@@ -162,6 +162,7 @@ def boot():
             return lambda: say("- " + stringify(value))
 
         say("connected")
+        turn.sync(ds, lambda: say("synced"))
 
 actor.System(loop=asyncio.new_event_loop()).run(boot, configure_logging=False)
 """

@@ -271,6 +271,7 @@ async def test_assertions_flow_both_ways(server: Server, transport: str) -> None
     client = await ClientProcess.start(addr, mint(KEY, OID), "remote")
     try:
         await client.wait_for("connected")
+        await client.wait_for("synced")
         await server.hellos.until(lambda names: names == ["remote"])
         handle: list[int] = []
         server.run(lambda: handle.append(turn.publish(server.dataspace, Record(HELLO, ["local"]))))
@@ -397,27 +398,54 @@ async def test_hostile_bytes_close_the_connection_not_the_server(
         await asyncio.sleep(0.05)
 
 
+async def resolve_raw(
+    server: Server,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
+    """A raw connection that resolved the capability; returns the dataspace's oid too."""
+    reader, writer = await asyncio.open_unix_connection(str(server.socket_path))
+    resolve = Record(Symbol("resolve"), [
+        parse_capability(mint(KEY, OID)), Embedded(sturdy.WireRef.mine(sturdy.Oid(7)))])
+    writer.write(turn_packet((0, assert_event(resolve, 1))))
+    event = (await read_events(reader, 1))[0]
+    accepted = event.event.value.assertion.value
+    return reader, writer, accepted.fields[0].embeddedValue.oid.value
+
+
+async def read_events(reader: asyncio.StreamReader, count: int) -> list[Any]:
+    decoder = Decoder(decode_embedded=sturdy.WireRef.decode)
+    events: list[Any] = []
+    while len(events) < count:
+        decoder.extend(await asyncio.wait_for(reader.read(65536), 20))
+        for packet in decoder:
+            events.extend(protocol.Packet.decode(packet).value.value)
+    return events
+
+
 async def test_reused_handle_closes_and_retracts(server: Server) -> None:
     """A raw client resolves properly, then reuses a live handle: closed, nothing left behind."""
-    reader, writer = await asyncio.open_unix_connection(str(server.socket_path))
+    reader, writer, ds_oid = await resolve_raw(server)
     try:
-        resolve = Record(Symbol("resolve"), [
-            parse_capability(mint(KEY, OID)), Embedded(sturdy.WireRef.mine(sturdy.Oid(7)))])
-        writer.write(turn_packet((0, assert_event(resolve, 1))))
-        decoder = Decoder(decode_embedded=sturdy.WireRef.decode)
-        ds_oid = None
-        while ds_oid is None:
-            decoder.extend(await asyncio.wait_for(reader.read(65536), 20))
-            for packet in decoder:
-                for event in protocol.Packet.decode(packet).value.value:
-                    accepted = event.event.value.assertion.value
-                    ds_oid = accepted.fields[0].embeddedValue.oid.value
         writer.write(turn_packet((ds_oid, assert_event(Record(HELLO, ["raw"]), 2))))
         await server.hellos.until(lambda names: names == ["raw"])
         writer.write(turn_packet((ds_oid, assert_event(Record(HELLO, ["again"]), 2))))
         rest = await asyncio.wait_for(reader.read(), 20)
         assert any("reusing live handle" in m for m in error_messages(list(Decoder(rest))))
         await server.hellos.until(lambda names: names == [])
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_sync_with_doubly_embedded_peer_is_answered(server: Server) -> None:
+    """Stock syndicate-py 0.19.3 writes <S #:#:[0 n]>; the relay answers it anyway."""
+    reader, writer, ds_oid = await resolve_raw(server)
+    try:
+        peer = Embedded(Embedded(sturdy.WireRef.mine(sturdy.Oid(9))))
+        writer.write(turn_packet((ds_oid, Record(Symbol("S"), [peer]))))
+        (event,) = await read_events(reader, 1)
+        assert event.oid.value == 9
+        assert event.event.VARIANT.name == "Message"
+        assert event.event.value.body.value is True
     finally:
         writer.close()
         await writer.wait_closed()

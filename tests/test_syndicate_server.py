@@ -41,6 +41,8 @@ async def test_assertions_flow_both_ways(
 ) -> None:
     daemon, fetcher = daemon_and_fetcher
     await see_each_other(daemon, fetcher)
+    for client in (daemon, fetcher):  # a sync round-trips through the server too
+        await client.wait_for("synced")
 
 
 async def test_killed_client_is_retracted(

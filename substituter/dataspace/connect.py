@@ -25,7 +25,7 @@ from preserves import Embedded, Record, Symbol
 from syndicate import actor, relay, turn
 from syndicate.during import During
 from syndicate.schema import gatekeeper as gatekeeper_schema
-from syndicate.schema import transportAddress
+from syndicate.schema import protocol, transportAddress
 
 from substituter.errors import ConfigError
 
@@ -79,10 +79,20 @@ def parse_capability(cap: str) -> Any:
 
 
 class _ClientRelay:
-    """Mixin for syndicate-py's client relays: remembers why the server turned us away."""
+    """Mixin for syndicate-py's client relays: remembers why the server turned us away, and
+    sends syncs that syndicate-server accepts."""
 
     refusal: str | None = None
     address: Any
+
+    def _send(self, remote_oid: int, turn_event: Any) -> None:
+        # syndicate-py 0.19.3 embeds a Sync's peer twice (<S #:#:[0 n]>), which
+        # syndicate-server rejects ("Embedded values not supported here"): embed it once.
+        if turn_event.VARIANT.name == "Sync":
+            peer = turn_event.value.peer
+            if isinstance(peer, Embedded):
+                turn_event = protocol.Event.Sync(protocol.Sync(peer.embeddedValue))
+        super()._send(remote_oid, turn_event)  # type: ignore[misc]
 
     def _on_error(self, message: str, detail: Any) -> None:
         self.refusal = message

@@ -79,7 +79,7 @@ class ServerConnection(relay.TunnelRelay):
 
     async def main(self, system: actor.System, on_connected: Any = None) -> bool:
         self._on_connected()
-        decoder = Decoder(decode_embedded=sturdy.WireRef.decode)
+        decoder = Decoder(decode_embedded=_decode_wire_ref)
         try:
             while not self._closing:
                 chunk = await self._reader.read(READ_CHUNK)
@@ -186,6 +186,17 @@ class ServerConnection(relay.TunnelRelay):
 
     def _disconnect(self) -> None:
         self.close()
+
+
+def _decode_wire_ref(value: Any) -> Any:
+    # Stock syndicate-py 0.19.3 clients write a Sync's peer embedded twice (<S #:#:[0 n]>);
+    # syndicate-server refuses that, we accept it (connect() sends it once). The inner
+    # embedded value arrives already decoded.
+    if isinstance(value, preserves.Embedded) and isinstance(
+        value.embeddedValue, sturdy.WireRef.mine | sturdy.WireRef.yours
+    ):
+        return value.embeddedValue
+    return sturdy.WireRef.decode(value)
 
 
 async def _serve_once(_relay: relay.TunnelRelay, _did_connect: bool) -> bool:
