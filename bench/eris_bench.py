@@ -5,7 +5,9 @@ Decoding goes through the async, verifying `decode` with an in-memory block stor
 number is the codec's own cost (hashing, ChaCha20, tree walk, task scheduling), not I/O.
 Then end to end: one NAR (--e2e-mib) substituted by the ERIS fetcher (blocks over N2R from
 `eris serve`) and by the binary-cache fetcher (the raw NAR from a static HTTP server), each
-through the core's verified transfer; printed as a ratio on the same data, same run.
+through the core's verified transfer; printed as a ratio on the same data, same run. The ERIS
+fetcher runs twice: with its HttpBlockStore (aiohttp, keep-alive) and, for comparison, with the
+httpx block client it used before (`HttpxBlockStore` below, one streamed httpx request a block).
 Run: .venv/bin/python bench/eris_bench.py [--mib 64] [--e2e-mib 64]
 """
 
@@ -23,11 +25,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from fetchers._http import stream_url
 from fetchers.binary_cache import BinaryCacheFetcher, BinaryCacheOptions
 from fetchers.eris import ReadCapability, decode, encode_to
-from fetchers.eris.blockstore import DirectoryBlockStore
+from fetchers.eris.blockstore import MAX_BLOCK, BlockStore, DirectoryBlockStore, n2r_path
 from fetchers.eris.cli import publish_nar
 from fetchers.eris.fetcher import ErisFetcher, ErisOptions
 from fetchers.eris.index import save_entries
@@ -72,6 +76,40 @@ async def bench_decode(cap: ReadCapability, blocks: dict[bytes, bytes], size: in
 # --- end to end: ERIS fetcher vs binary-cache fetcher -----------------------------------------
 
 HASH_PART = "1" * 32
+
+
+class HttpxBlockStore:
+    """The N2R client as it was before HttpBlockStore moved to aiohttp (GET only, no retries)."""
+
+    def __init__(self, url: str, timeout: float, max_connections: int) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections))
+
+    def describe(self) -> str:
+        return self.url + " (httpx)"
+
+    async def get(self, ref: bytes) -> bytes | None:
+        block = bytearray()
+        async for chunk in stream_url(self._client, self.url + n2r_path(ref), 0, self.timeout):
+            block += chunk
+            assert len(block) <= MAX_BLOCK
+        return bytes(block)
+
+    async def put(self, ref: bytes, block: bytes) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class HttpxErisFetcher(ErisFetcher):
+    """The ERIS fetcher with the httpx block client: the "before" of the block-fetch figures."""
+
+    def _open_block_stores(self) -> BlockStore:
+        (url,) = self.options.blocks
+        return HttpxBlockStore(url, self.options.timeout, self.options.concurrency)
 
 
 def make_cache(root: Path, size: int) -> NarInfo:
@@ -129,22 +167,25 @@ async def substitute(fetcher: Fetcher, info: NarInfo) -> float:
     return time.perf_counter() - begin
 
 
-async def bench_e2e(root: Path, info: NarInfo, eris_url: str, cache_url: str, runs: int) -> tuple[float, float]:
+async def bench_e2e(root: Path, info: NarInfo, eris_url: str, cache_url: str, runs: int) -> list[float]:
+    """Best seconds for: binary-cache, ERIS (aiohttp block client), ERIS (httpx block client)."""
+    eris_options = ErisOptions(index=str(root / "index.jsonl"), blocks=[eris_url])
     fetchers: list[Fetcher] = [
-        ErisFetcher("eris", ErisOptions(index=str(root / "index.jsonl"), blocks=[eris_url])),
         BinaryCacheFetcher("binary-cache", BinaryCacheOptions(url=cache_url, http2=False)),
+        ErisFetcher("eris", eris_options),
+        HttpxErisFetcher("eris-httpx", eris_options),
     ]
     best = [float("inf")] * len(fetchers)
     for fetcher in fetchers:
         await fetcher.start()
     try:
-        for _ in range(runs):
+        for _ in range(runs):  # interleaved, so a busy moment of the machine hits all alike
             for i, fetcher in enumerate(fetchers):
                 best[i] = min(best[i], await substitute(fetcher, info))
     finally:
         for fetcher in fetchers:
             await fetcher.stop()
-    return best[0], best[1]
+    return best
 
 
 def end_to_end(mib: int, runs: int) -> None:
@@ -160,7 +201,7 @@ def end_to_end(mib: int, runs: int) -> None:
         static, cache_url = start([sys.executable, "-m", "http.server", "-b", "127.0.0.1",
                                    "-d", str(root / "cache"), str(port)], port)
         try:
-            eris_s, cache_s = asyncio.run(bench_e2e(root, info, eris_url, cache_url, runs))
+            cache_s, eris_s, httpx_s = asyncio.run(bench_e2e(root, info, eris_url, cache_url, runs))
         finally:
             eris.terminate()
             static.terminate()
@@ -168,9 +209,13 @@ def end_to_end(mib: int, runs: int) -> None:
             static.wait()
     size = info.nar_size
     print(f"End to end, one {mib} MiB NAR over loopback, verified transfer, best of {runs} runs")
-    print(f"  binary-cache fetcher: {cache_s:6.2f} s ({size / cache_s / 1e6:7.1f} MB/s)")
-    print(f"  ERIS fetcher (32 KiB blocks over N2R): {eris_s:6.2f} s ({size / eris_s / 1e6:7.1f} MB/s)")
-    print(f"  ratio ERIS / binary-cache: {eris_s / cache_s:.2f}x")
+    for label, seconds in [
+        ("binary-cache fetcher", cache_s),
+        ("ERIS fetcher, 32 KiB blocks over N2R (aiohttp)", eris_s),
+        ("same, httpx block client (before)", httpx_s),
+    ]:
+        print(f"  {label:<48} {seconds:6.2f} s ({size / seconds / 1e6:7.1f} MB/s)"
+              f"  {seconds / cache_s:5.2f}x binary-cache")
 
 
 def main() -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import respx
+from aiohttp import web
 
 from fetchers._http import RetryPolicy
 from fetchers.eris.blockstore import (
@@ -134,20 +136,84 @@ async def test_read_only_server_refuses_put(tmp_path: Path, client: httpx.AsyncC
         await runner.cleanup()
 
 
+@asynccontextmanager
+async def scripted_server(answers: list[tuple[int, bytes]]) -> AsyncIterator[tuple[str, list[str]]]:
+    """A loopback server answering each request with the next (status, body) (the last repeats)."""
+    asked: list[str] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        asked.append(request.path_qs)
+        status, body = answers.pop(0) if len(answers) > 1 else answers[0]
+        return web.Response(status=status, body=body)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}", asked
+    finally:
+        await runner.cleanup()
+
+
 async def test_http_store_retries_transient_failures_then_gives_up() -> None:
     ref, block = a_block()
-    url = "http://127.0.0.1:9" + n2r_path(ref)
-    with respx.mock(assert_all_called=True) as mock:
-        route = mock.get(url).mock(side_effect=[httpx.Response(503), httpx.Response(200, content=block)])
-        store = HttpBlockStore("http://127.0.0.1:9", retry=RetryPolicy(retries=2, sleep=no_sleep))
-        assert await store.get(ref) == block
-        assert route.call_count == 2
-        route.mock(return_value=httpx.Response(502))
-        with pytest.raises(TransientFetchError, match="gave up after 3 tries"):
-            await store.get(ref)
-        route.mock(return_value=httpx.Response(200, content=bytes(40000)))
+    answers = [(503, b""), (200, block)]
+    async with scripted_server(answers) as (url, asked):
+        store = HttpBlockStore(url, retry=RetryPolicy(retries=2, sleep=no_sleep))
+        try:
+            assert await store.get(ref) == block
+            assert asked == [n2r_path(ref)] * 2
+            answers[:] = [(502, b"")]
+            with pytest.raises(TransientFetchError, match="gave up after 3 tries"):
+                await store.get(ref)
+            answers[:] = [(200, bytes(40000))]
+            with pytest.raises(FetchError, match="longer than any ERIS block"):
+                await store.get(ref)
+            answers[:] = [(403, b"")]
+            assert await store.get(ref) is None
+        finally:
+            await store.aclose()
+
+
+async def test_http_store_refuses_an_overlong_answer_of_unknown_length() -> None:
+    ref, _ = a_block()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for _ in range(40):
+            await response.write(bytes(1024))
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/uri-res/N2R", endless)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    store = HttpBlockStore(f"http://127.0.0.1:{runner.addresses[0][1]}")
+    try:
         with pytest.raises(FetchError, match="longer than any ERIS block"):
             await store.get(ref)
+    finally:
+        await store.aclose()
+        await runner.cleanup()
+
+
+async def test_http_store_connection_refused_is_transient() -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = HttpBlockStore(f"http://127.0.0.1:{port}", retry=RetryPolicy(retries=1, sleep=no_sleep))
+    try:
+        with pytest.raises(TransientFetchError, match="gave up after 2 tries"):
+            await store.get(bytes(32))
+    finally:
         await store.aclose()
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 
 from substituter.errors import (
     FetchError,
@@ -30,7 +30,7 @@ from substituter.errors import (
     TransientFetchError,
 )
 
-from .._http import RetryPolicy, is_missing_status, is_transient_status, stream_url, translate_http_error
+from .._http import RetryPolicy, is_missing_status, is_transient_status
 from .codec import BLOCK_SIZES, ErisError, ReadCapability, block_urn, decode
 
 __all__ = [
@@ -139,7 +139,12 @@ class DirectoryBlockStore:
 
 
 class HttpBlockStore:
-    """Blocks over HTTP N2R, with a pooled client and retries of transient failures."""
+    """Blocks over HTTP N2R, on keep-alive connections, with retries of transient failures.
+
+    aiohttp rather than httpx: a block is one small request, and httpx's per-request cost
+    (connection-pool bookkeeping, async-library detection) was most of an ERIS fetch's time.
+    At most ``max_connections`` requests are in flight; more wait for a free connection.
+    """
 
     def __init__(
         self,
@@ -148,27 +153,36 @@ class HttpBlockStore:
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
         max_connections: int = 32,
-        client: httpx.AsyncClient | None = None,
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"an N2R block store needs an http(s) URL, got {url!r}")
+        if max_connections < 1:
+            raise ValueError(f"an N2R block store needs 1 or more connections, got {max_connections}")
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        self._own_client = client is None
-        self._client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-        )
+        self.max_connections = max_connections
+        self._own_session = session is None
+        self._session = session
 
     def describe(self) -> str:
         return self.url
 
     def block_url(self, ref: bytes) -> str:
         return self.url + n2r_path(ref)
+
+    def _client(self) -> aiohttp.ClientSession:
+        # Made on first use: an aiohttp session belongs to the event loop it was created in.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.max_connections),
+                # Blocks are stored bytes: never ask for, or undo, a content encoding.
+                headers={"Accept-Encoding": "identity"},
+                auto_decompress=False,
+            )
+        return self._session
 
     async def get(self, ref: bytes) -> bytes | None:
         url = self.block_url(ref)
@@ -185,39 +199,78 @@ class HttpBlockStore:
         raise AssertionError("unreachable")
 
     async def _get_once(self, url: str) -> bytes:
-        block = bytearray()
-        async for chunk in stream_url(self._client, url, 0, self.timeout):
-            block += chunk
-            if len(block) > MAX_BLOCK:
-                raise FetchError(f"{url}: answer is longer than any ERIS block ({MAX_BLOCK} bytes)")
-        return bytes(block)
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with self._client().get(url) as response:
+                    if response.status != 200:
+                        raise _status_error(url, "GET", response)
+                    return await _read_block(url, response)
+        except TimeoutError as exc:
+            raise TransientFetchError(f"{url}: no complete answer in {self.timeout:g}s") from exc
+        except aiohttp.ClientError as exc:
+            raise _translate(exc, url) from exc
 
     async def put(self, ref: bytes, block: bytes) -> None:
         check_block(ref, block)
         url = self.block_url(ref)
+        headers = {"Content-Type": "application/octet-stream"}
         for attempt in range(1, self.retry.tries + 1):
             try:
-                response = await self._client.put(
-                    url, content=block, headers={"Content-Type": "application/octet-stream"}
-                )
-            except httpx.HTTPError as exc:
-                error = translate_http_error(exc, url)
-                if not isinstance(error, TransientFetchError) or attempt == self.retry.tries:
-                    raise error from exc
-            else:
-                status = response.status_code
-                if 200 <= status < 300:
-                    return
-                message = f"{url}: PUT refused with HTTP {status} {response.reason_phrase}"
-                if is_missing_status(status) or not is_transient_status(status):
-                    raise FetchError(message)
-                if attempt == self.retry.tries:
-                    raise TransientFetchError(message)
+                async with asyncio.timeout(self.timeout):
+                    async with self._client().put(url, data=block, headers=headers) as response:
+                        if 200 <= response.status < 300:
+                            return
+                        error = _status_error(url, "PUT", response)
+            except TimeoutError as exc:
+                error = TransientFetchError(f"{url}: PUT not answered in {self.timeout:g}s")
+                error.__cause__ = exc
+            except aiohttp.ClientError as exc:
+                error = _translate(exc, url)
+                error.__cause__ = exc
+            if isinstance(error, NotAvailable):  # a store that will not take it is no retry case
+                raise FetchError(f"{error} (PUT refused)") from error
+            if not isinstance(error, TransientFetchError) or attempt == self.retry.tries:
+                raise error
             await self.retry.sleep(self.retry.delay(attempt))
 
     async def aclose(self) -> None:
-        if self._own_client:
-            await self._client.aclose()
+        if self._own_session and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+
+async def _read_block(url: str, response: aiohttp.ClientResponse) -> bytes:
+    """The body of a block answer, refused unread (or once too long) beyond the largest block."""
+    if response.content_length is not None:
+        if response.content_length > MAX_BLOCK:
+            raise FetchError(
+                f"{url}: answer of {response.content_length} bytes is longer than any ERIS block"
+                f" ({MAX_BLOCK} bytes)"
+            )
+        return await response.read()
+    block = bytearray()
+    async for chunk in response.content.iter_any():
+        block += chunk
+        if len(block) > MAX_BLOCK:
+            raise FetchError(f"{url}: answer is longer than any ERIS block ({MAX_BLOCK} bytes)")
+    return bytes(block)
+
+
+def _status_error(url: str, method: str, response: aiohttp.ClientResponse) -> FetchError:
+    message = f"{url}: {method} answered HTTP {response.status} {response.reason or ''}".rstrip()
+    if is_missing_status(response.status):
+        return NotAvailable(message)
+    if is_transient_status(response.status):
+        return TransientFetchError(message)
+    return FetchError(message)
+
+
+def _translate(exc: aiohttp.ClientError, url: str) -> FetchError:
+    """Connection trouble (refused, reset, closed mid-body) may pass; anything else will not."""
+    detail = f"{url}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)):
+        return TransientFetchError(detail)
+    return FetchError(detail)
 
 
 # --- several stores, tried in order -------------------------------------------------------
