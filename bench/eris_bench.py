@@ -8,6 +8,8 @@ Then end to end: one NAR (--e2e-mib) substituted by the ERIS fetcher (blocks ove
 through the core's verified transfer; printed as a ratio on the same data, same run. The ERIS
 fetcher runs twice: with its HttpBlockStore (aiohttp, keep-alive) and, for comparison, with the
 httpx block client it used before (`HttpxBlockStore` below, one streamed httpx request a block).
+Last, block exchange over the embedded dataspace: a provider actor serving a block directory, a
+DataspaceBlockStore decoding (--ds-mib); in one process, so it is the exchange's own cost.
 Run: .venv/bin/python bench/eris_bench.py [--mib 64] [--e2e-mib 64]
 """
 
@@ -27,19 +29,22 @@ from pathlib import Path
 
 import httpx
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from syndicate import actor, turn
 
 from fetchers._http import stream_url
 from fetchers.binary_cache import BinaryCacheFetcher, BinaryCacheOptions
 from fetchers.eris import ReadCapability, decode, encode_to
-from fetchers.eris.blockstore import MAX_BLOCK, BlockStore, DirectoryBlockStore, n2r_path
+from fetchers.eris.blockstore import MAX_BLOCK, BlockStore, DirectoryBlockStore, decode_from, n2r_path
 from fetchers.eris.cli import publish_nar
+from fetchers.eris.dataspace_store import DataspaceBlockStore, serve_blocks
 from fetchers.eris.fetcher import ErisFetcher, ErisOptions
 from fetchers.eris.index import save_entries
+from substituter.dataspace.dataspace import Dataspace
 from substituter.nix.hashes import Hash
 from substituter.nix.nar import dump
 from substituter.nix.narinfo import NarInfo
 from substituter.nix.signing import SecretKey, sign_narinfo
-from substituter.plugin import Fetcher, Offer
+from substituter.plugin import DataspaceLink, Fetcher, Offer
 from substituter.transfer import Source, verified_nar
 
 CHUNK = 1 << 20
@@ -218,11 +223,66 @@ def end_to_end(mib: int, runs: int) -> None:
               f"  {seconds / cache_s:5.2f}x binary-cache")
 
 
+# --- block exchange over the embedded dataspace -------------------------------------------
+
+
+async def bench_dataspace(root: Path, cap: ReadCapability, size: int, runs: int) -> float:
+    """Best seconds to decode ``cap`` from a provider actor through an embedded dataspace."""
+    system = actor.System(loop=asyncio.get_running_loop())
+    link = DataspaceLink()
+    roots: list[object] = []
+
+    def boot_space() -> None:
+        turn.prevent_inert_check()
+        roots.append(turn.active_facet())
+        link.ref = turn.ref(Dataspace())
+
+    def boot_provider() -> None:
+        roots.append(turn.active_facet())
+        serve_blocks(link.ref, DirectoryBlockStore(root / "blocks"))
+
+    def boot_consumer() -> None:
+        turn.prevent_inert_check()
+        roots.append(turn.active_facet())
+        link.facet = turn.active_facet()
+
+    for boot in (boot_space, boot_provider, boot_consumer):
+        actor.Actor(boot, system=system)
+    store = DataspaceBlockStore(link, timeout=30)
+    best = float("inf")
+    try:
+        for _ in range(runs):
+            begin = time.perf_counter()
+            total = 0
+            async for piece in decode_from(cap, store, max_size=size):
+                total += len(piece)
+            best = min(best, time.perf_counter() - begin)
+            assert total == size
+    finally:
+        for facet in roots:
+            turn.external(facet, lambda: turn.stop_actor())
+        await asyncio.sleep(0.01)
+    return best
+
+
+def over_dataspace(mib: int, runs: int) -> None:
+    size = mib * 2**20
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        store = DirectoryBlockStore(root / "blocks")
+        cap = encode_to(content(size), store.put_sync, 32768)
+        seconds = asyncio.run(bench_dataspace(root, cap, size, runs))
+    print(f"Block exchange over the embedded dataspace, {mib} MiB, 32 KiB blocks, best of {runs} runs")
+    print(f"  provider actor -> DataspaceBlockStore decode: {seconds:6.2f} s"
+          f" ({size / seconds / 1e6:7.1f} MB/s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=64, help="content size in MiB (default 64)")
     parser.add_argument("--runs", type=int, default=3, help="best of this many runs (default 3)")
     parser.add_argument("--e2e-mib", type=int, default=64, help="NAR size for the end-to-end ratio")
+    parser.add_argument("--ds-mib", type=int, default=32, help="content size over the dataspace")
     args = parser.parse_args()
     size = args.mib * 2**20
     print(f"ERIS codec, {args.mib} MiB of content, one core, best of {args.runs} runs")
@@ -239,6 +299,7 @@ def main() -> None:
         )
         del blocks
     end_to_end(args.e2e_mib, args.runs)
+    over_dataspace(args.ds_mib, args.runs)
 
 
 if __name__ == "__main__":
