@@ -200,13 +200,19 @@ async def test_a_bad_provider_does_not_hide_a_good_one(tmp_path: Path, space: Sp
     assert await decoded(cap, space.store(), len(content)) == content
 
 
-async def test_a_provider_does_not_spread_a_damaged_local_block(tmp_path: Path, space: Space) -> None:
+async def test_a_provider_does_not_spread_a_damaged_local_block(
+    tmp_path: Path, space: Space, caplog: pytest.LogCaptureFixture
+) -> None:
     content = os.urandom(3000)
-    cap, local, _ = encoded(tmp_path, content)
+    cap, local, refs = encoded(tmp_path, content)
     path = local.path_of(cap.root_ref)
     path.write_bytes(tampered(path.read_bytes()))
     space.provider(local)
     assert await space.store(timeout=MISSING_TIMEOUT).get(cap.root_ref) is None
+    assert f"not serving block {block_urn(cap.root_ref)}" in caplog.text
+    # The provider is still up and serves its intact blocks.
+    intact = next(ref for ref in refs if ref != cap.root_ref)
+    assert await space.store().get(intact) == local.get_sync(intact)
 
 
 async def test_two_providers_hold_different_halves(tmp_path: Path, space: Space) -> None:

@@ -86,7 +86,7 @@ async def _checked_local_block(store: BlockStore, ref: bytes) -> bytes | None:
         if block is not None:
             check_block(ref, block)
         return block
-    except (FetchError, ErisError) as exc:
+    except (FetchError, ErisError, HashMismatch) as exc:
         log.warning("not serving block %s from %s: %s", block_urn(ref), store.describe(), exc)
         return None
 
