@@ -119,7 +119,7 @@ def _parse_option_pairs(pairs: tuple[str, ...]) -> dict[str, Any]:
 def fetcher(kind: str, address: str, cap: str, name: str | None, priority: int | None,
             locate_timeout: float, option_pairs: tuple[str, ...], store_dir: str) -> None:
     """Run one fetcher plugin in its own process, attached to a dataspace."""
-    from .plugin import FetcherContext, load_fetcher_type, parse_options
+    from .plugin import DataspaceLink, FetcherContext, load_fetcher_type, parse_options
     from .remote import run_remote_fetcher
 
     _setup_logging("info")
@@ -132,8 +132,8 @@ def fetcher(kind: str, address: str, cap: str, name: str | None, priority: int |
         raise click.UsageError(str(exc)) from exc
     import socket
 
-    instance = cls(name or f"{kind}@{socket.gethostname()}", options, FetcherContext(store_dir=store_dir),
-                   priority=priority)
+    context = FetcherContext(store_dir=store_dir, dataspace=DataspaceLink())
+    instance = cls(name or f"{kind}@{socket.gethostname()}", options, context, priority=priority)
     sys.exit(run_remote_fetcher(instance, address, cap, locate_timeout=locate_timeout))
 
 

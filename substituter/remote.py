@@ -59,6 +59,9 @@ def run_remote_fetcher(fetcher: Fetcher, address: str, cap: str, *, locate_timeo
             @connect(address, cap, on_refused=refused)
             def on_dataspace(ds: Any) -> None:
                 log.info("%s (%s) attached to %s", fetcher.name, fetcher.kind, address)
+                link = fetcher.context.dataspace
+                if link is not None:
+                    link.ref, link.facet = ds, turn.active_facet()
                 FetcherHost(fetcher, ds, locate_timeout=locate_timeout).boot()
 
     actor.System(loop=loop).run(boot, name=f"fetcher {fetcher.name}", configure_logging=False)

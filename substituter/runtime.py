@@ -26,6 +26,7 @@ from .metrics import Metrics
 from .nar_cache import NarCache
 from .nar_service import NarService
 from .plugin import (
+    DataspaceLink,
     Fetcher,
     FetcherContext,
     UriOpener,
@@ -40,14 +41,14 @@ __all__ = ["Runtime", "build_fetchers"]
 log = logging.getLogger("substituter.runtime")
 
 
-def build_fetchers(config: Config) -> list[tuple[Fetcher, FetcherConfig]]:
+def build_fetchers(config: Config, link: DataspaceLink | None = None) -> list[tuple[Fetcher, FetcherConfig]]:
     """Instantiate every configured fetcher (options validated; nothing started)."""
     built = []
     for i, fc in enumerate(config.fetchers):
         cls = load_fetcher_type(fc.type)
         options = parse_options(cls.Options, fc.options, f"fetchers[{i}] ({fc.name})")
         context = FetcherContext(store_dir=config.store_dir,
-                                 state_dir=config.state_dir / "fetchers" / fc.name)
+                                 state_dir=config.state_dir / "fetchers" / fc.name, dataspace=link)
         built.append((cls(fc.name, options, context, priority=fc.priority), fc))
     return built
 
@@ -59,7 +60,9 @@ class Runtime:
         self.config = config
         self.metrics = metrics or Metrics()
         self.trust = trust or TrustPolicy(config.trusted_public_keys)
-        self.fetchers = build_fetchers(config)
+        #: The dataspace as fetchers see it (e.g. ERIS block exchange), set on every attachment.
+        self.link = DataspaceLink()
+        self.fetchers = build_fetchers(config, self.link)
         self.cache = (
             NarCache(config.nar_cache_dir, config.nar_cache.max_size, durable=durable_cache)
             if config.nar_cache.enable else None
@@ -95,6 +98,7 @@ class Runtime:
     def _attach(self, ds: Any, attached: asyncio.Future[None]) -> None:
         """In a turn of the facet that lives as long as ``ds`` is reachable: broker and fetchers."""
         self.ds = ds
+        self.link.ref, self.link.facet = ds, turn.active_facet()
         local = {f.name: f for f, _ in self.fetchers}
         openers: dict[str, Any] = {scheme: o.open for scheme, o in self.openers.items()}
         broker = Broker(ds, self.trust, locate_timeout=self.config.locate_timeout,

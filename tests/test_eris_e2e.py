@@ -204,3 +204,38 @@ def test_a_wrong_index_entry_is_caught_by_the_signed_hash(nix: Nix, published: P
     assert "wrong bytes from eris-blocks" in log, log
     assert "more than the expected" in log or "hash mismatch" in log, log
     assert not in_client_store(nix, store, published.cache.top)
+
+
+def test_nix_copies_from_blocks_shared_over_the_daemons_dataspace(
+        nix: Nix, published: Published, tmp_path: Path) -> None:
+    """A peer shares its block directory on the daemon's dataspace; the daemon's ERIS fetcher has
+    no block store of its own but `dataspace:`, and Nix gets intact paths."""
+    from .daemon_proc import DaemonProcess
+
+    config = {
+        "trusted-public-keys": [published.cache.public_key],
+        "fetchers": [{"type": "eris", "name": "eris-peers", "index": str(published.index),
+                      "blocks": ["dataspace:"], "timeout": 10}],
+    }
+    with DaemonProcess(tmp_path, config, nix.env) as daemon:
+        share_log = tmp_path / "share.log"
+        with share_log.open("wb") as log:
+            peer = subprocess.Popen(
+                [sys.executable, "-m", "substituter", "eris", "share", str(published.blocks),
+                 "--dataspace", f'<unix "{daemon.state / "dataspace.sock"}">',
+                 "--cap", f"@{daemon.state / 'dataspace.cap'}"],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=nix.env,
+            )
+        try:
+            store = tmp_path / "client-store"
+            result = subprocess.run(
+                ["nix", "copy", "--from", daemon.url, "--to", str(store),
+                 "--option", "trusted-public-keys", published.cache.public_key, published.cache.top],
+                env=nix.env, capture_output=True, check=False, timeout=120,
+            )
+            assert result.returncode == 0, result.stderr.decode() + daemon.log() + share_log.read_text()
+            for path in published.cache.paths:
+                assert nix.run("nix-store", "--store", str(store), "--dump", path) == nix.run("nix-store", "--dump", path)
+        finally:
+            peer.terminate()
+            peer.wait(timeout=10)

@@ -162,6 +162,40 @@ def serve_command(block_dir: Path, listen: str, read_only: bool) -> None:
         raise click.ClickException(f"cannot listen on {listen}: {exc.strerror}") from exc
 
 
+@eris_group.command("share")
+@click.argument("block_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--dataspace", "address", required=True,
+              help='Dataspace address: <unix "/path">, unix:/path, or 127.0.0.1:PORT.')
+@click.option("--cap", required=True, help="Capability (sturdy ref text), or @FILE.")
+def share_command(block_dir: Path, address: str, cap: str) -> None:
+    """Answer requests for BLOCK_DIR's blocks over a dataspace (a daemon's, or a syndicate-server).
+
+    Fetchers configured with ``blocks = ["dataspace:"]`` anywhere on that dataspace then get
+    blocks from here; each block is checked by its hash on both sides.
+    """
+    from syndicate import actor, turn
+
+    from substituter.dataspace.connect import connect
+
+    from .dataspace_store import serve_blocks
+
+    _setup_logging()
+    if cap.startswith("@"):
+        cap = Path(cap[1:]).read_text().strip()
+    store = DirectoryBlockStore(block_dir)
+
+    def boot() -> None:
+        @connect(address, cap)
+        def on_dataspace(ds: object) -> None:
+            logging.getLogger("fetchers.eris").info("sharing %s on %s", block_dir, address)
+            serve_blocks(ds, store)
+
+    try:
+        actor.System(loop=asyncio.new_event_loop()).run(boot, name="eris share", configure_logging=False)
+    except KeyboardInterrupt:
+        pass
+
+
 def _setup_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",

@@ -19,8 +19,8 @@ import base64
 import binascii
 import hashlib
 from collections import deque
-from contextlib import aclosing
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import BinaryIO
 
