@@ -20,8 +20,11 @@ run: venv
 test-deps:
 	./scripts/install-test-deps.sh
 
-test: venv test-deps
+test: venv test-deps lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check substituter fetchers tests bench plugins
 
 bench: venv
 	$(VENV)/bin/python bench/nar_bench.py

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-# Shared fixtures live in their own modules: `serve_cache`, `nix_daemon_factory`.
-pytest_plugins = ["tests.cache_server", "tests.nixdaemon"]
+# Shared fixtures live in their own modules: `serve_cache`, `nix_daemon_factory`,
+# `syndicate_server`.
+pytest_plugins = ["tests.cache_server", "tests.nixdaemon", "tests.syndicate_server"]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 os.environ["PATH"] = f"{Path.home() / '.cargo' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"

@@ -13,7 +13,7 @@ import pytest
 from .cache_server import build_cache
 from .conftest import Nix
 from .daemon_proc import DaemonProcess
-from .syndicate_server import SyndicateServer, syndicate_server  # noqa: F401  (fixture)
+from .syndicate_server import SyndicateServer
 
 pytestmark = [pytest.mark.nix, pytest.mark.syndicate_server, pytest.mark.slow]
 

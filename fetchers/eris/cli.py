@@ -173,7 +173,7 @@ def share_command(block_dir: Path, address: str, cap: str) -> None:
     Fetchers configured with ``blocks = ["dataspace:"]`` anywhere on that dataspace then get
     blocks from here; each block is checked by its hash on both sides.
     """
-    from syndicate import actor, turn
+    from syndicate import actor
 
     from substituter.dataspace.connect import connect
 
