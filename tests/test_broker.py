@@ -74,15 +74,15 @@ def declining(name: str, delay: float = 0.0, priority: int = 50) -> FunctionFetc
 def test_best_priority_wins_and_all_are_asked_at_once(tmp_path: Path) -> None:
     info = make_info(make_nar(tmp_path, 1000))
     calls: list[tuple[str, float]] = []
-    fetchers = [offering("slow-good", info, 0.2, 10, calls), offering("fast-worse", info, 0.0, 50, calls)]
+    fetchers = [offering("slow-good", info, 1.0, 10, calls), offering("fast-worse", info, 1.0, 50, calls)]
 
     async def scenario(broker: Broker, _root: Any) -> None:
         res = await broker.resolve(H)
         assert [c.fetcher for c in res.candidates][0] == "slow-good"
         times = [t for _n, t in calls]
-        assert max(times) - min(times) < 0.1  # asked in parallel, not one after another
+        assert max(times) - min(times) < 0.5  # asked in parallel: one after another would be >= 1 s
 
-    run_with_broker(fetchers, scenario)
+    run_with_broker(fetchers, scenario, locate_timeout=5.0)
 
 
 def test_answer_does_not_wait_for_worse_fetchers(tmp_path: Path) -> None:
@@ -93,9 +93,9 @@ def test_answer_does_not_wait_for_worse_fetchers(tmp_path: Path) -> None:
         started = time.monotonic()
         res = await broker.resolve(H)
         assert res.candidates[0].fetcher == "best"
-        assert time.monotonic() - started < 0.5  # not the 1 s deadline
+        assert time.monotonic() - started < 2.5  # not the 5 s deadline
 
-    run_with_broker(fetchers, scenario)
+    run_with_broker(fetchers, scenario, locate_timeout=5.0)
 
 
 def test_not_found_as_soon_as_all_declined(tmp_path: Path) -> None:
@@ -103,7 +103,7 @@ def test_not_found_as_soon_as_all_declined(tmp_path: Path) -> None:
         started = time.monotonic()
         res: Resolution = await broker.resolve(H)
         assert res.info is None and "404 (test)" in res.reason
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 2.5  # not the 5 s deadline
 
     run_with_broker([declining("a"), declining("b", 0.05)], scenario, locate_timeout=5.0)
 
