@@ -126,7 +126,7 @@ def connect(
         connection: relay.TunnelRelay
 
         def refused(reason: str) -> None:
-            connection.refusal = reason  # type: ignore[attr-defined]
+            connection.refusal = reason
             log.error("dataspace %s refused the capability: %s", addr, reason)
             connection._disconnect()
 

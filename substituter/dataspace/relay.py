@@ -204,7 +204,7 @@ async def _serve_once(_relay: relay.TunnelRelay, _did_connect: bool) -> bool:
 
 
 def _show(value: Any) -> str:
-    text = preserves.stringify(value)
+    text: str = preserves.stringify(value)
     return text if len(text) <= 200 else text[:200] + "..."
 
 

@@ -15,7 +15,7 @@ import lzma
 from collections.abc import Callable, Generator
 from typing import IO, Protocol, cast
 
-import brotli  # type: ignore[import-untyped]  # ships no type hints
+import brotli  # ships no type hints (mypy: ignore_missing_imports)
 import zstandard
 
 from substituter.errors import CompressionError, SizeMismatch
