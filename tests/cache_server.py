@@ -13,6 +13,11 @@ HEAD, honours ``Range: bytes=N-`` / ``bytes=N-M`` and can be told to misbehave::
         server.require_bearer("s3cret")                # 401 without that token
         server.hide("*.narinfo")                       # 404 for matching paths
         server.honour_range = False                    # answer Range requests with a full 200
+        server.reset_next(2)                           # next two requests: connection closed, no
+                                                       #   response at all
+        release = server.hang_next()                   # next request: no response until released
+        server.misrange()                              # Range requests: 206 from byte 0 (wrong)
+        server.add_headers("*.gz", {"Content-Encoding": "gzip"})  # extra response headers
         server.requests                                # what was asked, with status and headers
 
 Faults match the request path without its leading slash, as a glob (``nar/*`` by default for the
@@ -94,6 +99,10 @@ class _Faults:
     corruptions: list[_Fault] = field(default_factory=list)
     stalls: list[_Fault] = field(default_factory=list)
     hidden: list[str] = field(default_factory=list)
+    resets: list[_Fault] = field(default_factory=list)
+    hangs: list[_Fault] = field(default_factory=list)
+    misranges: list[_Fault] = field(default_factory=list)
+    headers: list[tuple[str, dict[str, str]]] = field(default_factory=list)
 
     def take(self, faults: list[_Fault], path: str) -> _Fault | None:
         """The first fault of a kind that applies to ``path``, consuming one of its uses."""
@@ -122,6 +131,8 @@ class CacheServer:
         self._faults = _Faults()
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -139,7 +150,7 @@ class CacheServer:
         return self
 
     def stop(self) -> None:
-        for stall in self._faults.stalls:  # never leave a handler thread parked
+        for stall in self._faults.stalls + self._faults.hangs:  # never leave a handler parked
             if stall.release is not None:
                 stall.release.set()
         if self._server is not None:
@@ -208,8 +219,40 @@ class CacheServer:
         with self._faults.lock:
             self._faults.hidden.append(match)
 
+    def reset_next(self, n: int = 1, *, match: str = "*") -> None:
+        """Close the connection of the next ``n`` matching requests without any response."""
+        with self._faults.lock:
+            self._faults.resets.append(_Fault(match, n))
+
+    def hang_next(self, n: int = 1, *, match: str = "*") -> threading.Event:
+        """Send no response to the next ``n`` matching requests until the returned event is set."""
+        release = threading.Event()
+        with self._faults.lock:
+            self._faults.hangs.append(_Fault(match, n, release=release))
+        return release
+
+    def misrange(self, *, match: str = "*") -> None:
+        """Answer matching Range requests with a 206 that starts at byte 0, not where asked."""
+        with self._faults.lock:
+            self._faults.misranges.append(_Fault(match, None))
+
+    def add_headers(self, match: str, headers: dict[str, str]) -> None:
+        """Send ``headers`` with every matching (non-error) response."""
+        with self._faults.lock:
+            self._faults.headers.append((match, dict(headers)))
+
+    def drop_connections(self) -> None:
+        """Close every kept-alive connection now (with stop(): clients find nobody listening)."""
+        with self._open_lock:
+            connections = list(self._open)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def clear_faults(self) -> None:
-        for stall in self._faults.stalls:
+        for stall in self._faults.stalls + self._faults.hangs:
             if stall.release is not None:
                 stall.release.set()
         self._faults = _Faults()
@@ -256,6 +299,16 @@ def _make_handler(server: CacheServer) -> type[http.server.BaseHTTPRequestHandle
         def log_message(self, format: str, *args: object) -> None:  # keep test output clean
             pass
 
+        def setup(self) -> None:
+            super().setup()
+            with server._open_lock:
+                server._open.add(self.connection)
+
+        def finish(self) -> None:
+            with server._open_lock:
+                server._open.discard(self.connection)
+            super().finish()
+
         def do_HEAD(self) -> None:
             self._serve(body=False)
 
@@ -285,6 +338,14 @@ def _make_handler(server: CacheServer) -> type[http.server.BaseHTTPRequestHandle
             if server._required_auth and self.headers.get("Authorization") != server._required_auth:
                 self._empty(path, 401, {"WWW-Authenticate": 'Basic realm="cache"'})
                 return
+            if faults.take(faults.resets, path) is not None:
+                self._record(path, 0)
+                self._kill_connection()
+                return
+            hang = faults.take(faults.hangs, path)
+            if hang is not None:
+                assert hang.release is not None
+                hang.release.wait()
             failure = faults.take(faults.statuses, path)
             if failure is not None:
                 extra = {"Retry-After": failure.retry_after} if failure.retry_after else {}
@@ -297,6 +358,8 @@ def _make_handler(server: CacheServer) -> type[http.server.BaseHTTPRequestHandle
             size = file.stat().st_size
             wanted = _parse_range(self.headers.get("Range"), size) if server.honour_range else None
             start, end = wanted if wanted is not None else (0, size)
+            if wanted is not None and faults.all_matching(faults.misranges, path):
+                start = 0
             if wanted is not None and start >= size:
                 self._empty(path, 416, {"Content-Range": f"bytes */{size}"})
                 return
@@ -308,6 +371,11 @@ def _make_handler(server: CacheServer) -> type[http.server.BaseHTTPRequestHandle
             self.send_header("Accept-Ranges", "bytes")
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+            with faults.lock:
+                extra = [h for m, h in faults.headers if fnmatch.fnmatchcase(path, m)]
+            for headers in extra:
+                for name, value in headers.items():
+                    self.send_header(name, value)
             self.end_headers()
             if body:
                 self._send_body(path, file, start, end)

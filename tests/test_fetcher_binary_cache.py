@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import pytest
 
 from fetchers.binary_cache import BinaryCacheFetcher, BinaryCacheOptions
@@ -311,7 +311,7 @@ async def test_connection_killed_mid_nar_is_transient_and_resumable(
     with pytest.raises(TransientFetchError) as info:
         async for chunk in fetcher.open(offer):
             received += chunk
-    assert isinstance(info.value.__cause__, httpx.HTTPError)
+    assert isinstance(info.value.__cause__, aiohttp.ClientError)
     assert bytes(received) == nar[:cut]
     # resume where the stream broke: the bytes line up exactly
     assert bytes(received) + await read_all(fetcher, offer, len(received)) == nar
@@ -411,7 +411,8 @@ async def test_bearer_token_goes_to_this_cache_only(
     assert all(r.headers.get("Authorization") == "Bearer t0ken-value" for r in server.requests)
     assert other.requests and all("Authorization" not in r.headers for r in other.requests)
     assert "t0ken-value" not in caplog.text
-    assert "t0ken-value" not in repr(fetcher._client.auth) if fetcher._client else True
+    assert fetcher._client is not None
+    assert "t0ken-value" not in repr(fetcher._client._middlewares)
 
 
 async def test_bearer_token_file_problems_are_config_errors(
@@ -445,7 +446,7 @@ async def test_http2_option_works_against_an_http1_server(
     fetcher = await started(serve_cache(cache.root).url, http2=http2, connect_timeout=1.5)
     await locate_offer(fetcher, cache.top)
     assert fetcher._client is not None
-    assert fetcher._client.timeout.connect == 1.5
+    assert fetcher._client.timeout.sock_connect == 1.5
 
 
 # --- options --------------------------------------------------------------------------------------

@@ -1,31 +1,32 @@
-"""HTTP failure handling of the binary-cache fetcher, driven by respx (no sockets).
+"""HTTP failure handling of the binary-cache fetcher, against a real loopback server told to fail.
 
-Real-server behaviour lives in test_fetcher_binary_cache.py; here are the failures a loopback
-server cannot produce on cue: bursts of 5xx, Retry-After, 429, resets and stalls mid-body.
+tests/cache_server.py's CacheServer produces the failures on cue: bursts of 5xx, Retry-After, 429,
+connections closed before any response, silence before the headers, stalls and cuts mid-body,
+wrong ranges.  Happy-path behaviour with caches built by Nix lives in test_fetcher_binary_cache.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import gzip
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import httpx
+import aiohttp
 import pytest
-import respx
 
-from fetchers._http import BearerAuth, RetryPolicy, retry_after_seconds
+from fetchers._http import CONNECT_ERRORS, RequestAuth, RetryPolicy, retry_after_seconds
 from fetchers.binary_cache import BinaryCacheFetcher, BinaryCacheOptions
 from substituter.errors import FetchError, NotAvailable, PluginError, TransientFetchError
 from substituter.nix.hashes import Hash
 from substituter.nix.narinfo import NarInfo
 from substituter.nix.store_path import validate_hash_part
 from substituter.plugin import Offer, Unavailable
+from tests.cache_server import CacheServer, closed_port
 
-BASE = "http://127.0.0.1:8"
+Serve = Callable[..., CacheServer]
+
 HASH = "0123456789abcdfghijklmnpqrsvwxyz"  # the nix32 alphabet: 32 valid characters
 NAR = b"not really a nar, but bytes all the same" * 10
 NARINFO = (
@@ -39,10 +40,20 @@ NARINFO = (
 
 
 @pytest.fixture
-def router() -> Iterator[respx.MockRouter]:
-    with respx.mock(base_url=BASE, assert_all_called=False) as mock:
-        mock.get("/nix-cache-info").respond(200, text="StoreDir: /nix/store\nPriority: 30\n")
-        yield mock
+def root(tmp_path: Path) -> Path:
+    """A tiny cache: nix-cache-info, one narinfo, its NAR (and a gzip-packed copy)."""
+    root = tmp_path / "cache"
+    (root / "nar").mkdir(parents=True)
+    (root / "nix-cache-info").write_text("StoreDir: /nix/store\nPriority: 30\n")
+    (root / f"{HASH}.narinfo").write_text(NARINFO)
+    (root / "nar" / "hello.nar").write_bytes(NAR)
+    (root / "nar" / "hello.nar.gz").write_bytes(gzip.compress(NAR))
+    return root
+
+
+@pytest.fixture
+def server(root: Path, serve_cache: Serve) -> CacheServer:
+    return serve_cache(root)
 
 
 class Recorder:
@@ -56,18 +67,27 @@ class Recorder:
 
 
 @pytest.fixture
-async def fetcher(router: respx.MockRouter) -> AsyncIterator[BinaryCacheFetcher]:
-    fetcher = await make_fetcher()
-    yield fetcher
-    await fetcher.stop()
+async def make(server: CacheServer) -> AsyncIterator[Callable[..., object]]:
+    fetchers: list[BinaryCacheFetcher] = []
+
+    async def make_fetcher(url: str | None = None, **options: object) -> BinaryCacheFetcher:
+        opts = BinaryCacheOptions(url=url or server.url, **options)  # type: ignore[arg-type]
+        fetcher = BinaryCacheFetcher("loopback", opts)
+        fetcher.retry.sleep = Recorder()
+        fetchers.append(fetcher)
+        await fetcher.start()
+        return fetcher
+
+    yield make_fetcher
+    for fetcher in fetchers:
+        await fetcher.stop()
 
 
-async def make_fetcher(**options: object) -> BinaryCacheFetcher:
-    opts = BinaryCacheOptions(url=BASE, **options)  # type: ignore[arg-type]
-    fetcher = BinaryCacheFetcher("mocked", opts)
-    fetcher.retry.sleep = Recorder()
-    await fetcher.start()
-    return fetcher
+@pytest.fixture
+async def fetcher(make: Callable[..., object]) -> BinaryCacheFetcher:
+    made = await make()  # type: ignore[misc]
+    assert isinstance(made, BinaryCacheFetcher)
+    return made
 
 
 def delays(fetcher: BinaryCacheFetcher) -> list[float]:
@@ -76,7 +96,11 @@ def delays(fetcher: BinaryCacheFetcher) -> list[float]:
     return recorder.delays
 
 
-def an_offer(uri: str = f"{BASE}/nar/hello.nar", size: int | None = len(NAR)) -> Offer:
+def narinfo_statuses(server: CacheServer) -> list[int]:
+    return [r.status for r in server.requests if r.path.endswith(".narinfo")]
+
+
+def an_offer(uri: str, size: int | None = len(NAR)) -> Offer:
     return Offer(info=NarInfo.parse(NARINFO), uri=uri, file_size=size)
 
 
@@ -91,16 +115,12 @@ def test_hash_constant_is_valid() -> None:
 # --- locate: retries ------------------------------------------------------------------------------
 
 
-async def test_burst_of_5xx_then_success(
-    fetcher: BinaryCacheFetcher, router: respx.MockRouter
-) -> None:
-    route = router.get(f"/{HASH}.narinfo").mock(
-        side_effect=[httpx.Response(503), httpx.Response(502), httpx.Response(504),
-                     httpx.Response(200, text=NARINFO)]
-    )
+async def test_burst_of_5xx_then_success(fetcher: BinaryCacheFetcher, server: CacheServer) -> None:
+    for status in (503, 502, 504):
+        server.fail_next(1, status, match="*.narinfo")
     answer = await fetcher.locate(HASH)
-    assert isinstance(answer, Offer) and answer.uri == f"{BASE}/nar/hello.nar"
-    assert route.call_count == 4
+    assert isinstance(answer, Offer) and answer.uri == f"{server.url}/nar/hello.nar"
+    assert narinfo_statuses(server) == [503, 502, 504, 200]
     # jittered exponential: each delay within [ceiling/2, ceiling], ceilings doubling
     ceilings = [0.2, 0.4, 0.8]
     assert len(delays(fetcher)) == 3
@@ -109,25 +129,19 @@ async def test_burst_of_5xx_then_success(
 
 
 async def test_retry_after_seconds_is_honoured(
-    fetcher: BinaryCacheFetcher, router: respx.MockRouter
+    fetcher: BinaryCacheFetcher, server: CacheServer
 ) -> None:
-    router.get(f"/{HASH}.narinfo").mock(
-        side_effect=[httpx.Response(503, headers={"Retry-After": "7"}),
-                     httpx.Response(200, text=NARINFO)]
-    )
+    server.fail_next(1, 503, match="*.narinfo", retry_after=7)
     assert isinstance(await fetcher.locate(HASH), Offer)
     assert delays(fetcher) == [7.0]
 
 
 async def test_retry_after_date_is_honoured_and_bounded(
-    fetcher: BinaryCacheFetcher, router: respx.MockRouter
+    fetcher: BinaryCacheFetcher, server: CacheServer
 ) -> None:
     soon = email.utils.formatdate(time.time() + 20, usegmt=True)
-    router.get(f"/{HASH}.narinfo").mock(
-        side_effect=[httpx.Response(429, headers={"Retry-After": soon}),
-                     httpx.Response(503, headers={"Retry-After": "86400"}),
-                     httpx.Response(200, text=NARINFO)]
-    )
+    server.fail_next(1, 429, match="*.narinfo", retry_after=soon)
+    server.fail_next(1, 503, match="*.narinfo", retry_after=86400)
     assert isinstance(await fetcher.locate(HASH), Offer)
     first, second = delays(fetcher)
     assert 15 <= first <= 20
@@ -136,87 +150,91 @@ async def test_retry_after_date_is_honoured_and_bounded(
 
 @pytest.mark.parametrize("status", [429, 408, 500])
 async def test_transient_status_gives_up_after_the_configured_tries(
-    status: int, router: respx.MockRouter
+    status: int, make: Callable[..., object], server: CacheServer
 ) -> None:
-    fetcher = await make_fetcher(retries=2)
-    try:
-        route = router.get(f"/{HASH}.narinfo").respond(status)
-        answer = await fetcher.locate(HASH)
-        assert isinstance(answer, Unavailable)
-        assert f"after 3 tries: {BASE}/{HASH}.narinfo: HTTP {status}" in answer.reason
-        assert route.call_count == 3 and len(delays(fetcher)) == 2
-        assert fetcher.is_up  # the server answered: it is up, just unhappy
-    finally:
-        await fetcher.stop()
+    fetcher = await make(retries=2)  # type: ignore[misc]
+    server.fail_next(10, status, match="*.narinfo")
+    answer = await fetcher.locate(HASH)
+    assert isinstance(answer, Unavailable)
+    assert f"after 3 tries: {server.url}/{HASH}.narinfo: HTTP {status}" in answer.reason
+    assert narinfo_statuses(server) == [status] * 3 and len(delays(fetcher)) == 2
+    assert fetcher.is_up  # the server answered: it is up, just unhappy
 
 
-async def test_retries_zero_means_one_try(router: respx.MockRouter) -> None:
-    fetcher = await make_fetcher(retries=0)
-    try:
-        route = router.get(f"/{HASH}.narinfo").respond(503)
-        answer = await fetcher.locate(HASH)
-        assert isinstance(answer, Unavailable) and "after 1 tries" in answer.reason
-        assert route.call_count == 1 and delays(fetcher) == []
-    finally:
-        await fetcher.stop()
+async def test_retries_zero_means_one_try(make: Callable[..., object], server: CacheServer) -> None:
+    fetcher = await make(retries=0)  # type: ignore[misc]
+    server.fail_next(10, 503, match="*.narinfo")
+    answer = await fetcher.locate(HASH)
+    assert isinstance(answer, Unavailable) and "after 1 tries" in answer.reason
+    assert narinfo_statuses(server) == [503] and delays(fetcher) == []
 
 
 @pytest.mark.parametrize("status", [404, 403, 410, 401])
 async def test_missing_statuses_are_not_retried(
-    status: int, fetcher: BinaryCacheFetcher, router: respx.MockRouter
+    status: int, fetcher: BinaryCacheFetcher, server: CacheServer
 ) -> None:
-    route = router.get(f"/{HASH}.narinfo").respond(status)
+    server.fail_next(10, status, match="*.narinfo")
     answer = await fetcher.locate(HASH)
     assert isinstance(answer, Unavailable) and f"HTTP {status}" in answer.reason
-    assert route.call_count == 1 and delays(fetcher) == []
+    assert narinfo_statuses(server) == [status] and delays(fetcher) == []
 
 
-async def test_resets_are_retried(fetcher: BinaryCacheFetcher, router: respx.MockRouter) -> None:
-    router.get(f"/{HASH}.narinfo").mock(
-        side_effect=[httpx.ReadError("connection reset by peer"),
-                     httpx.RemoteProtocolError("server disconnected"),
-                     httpx.Response(200, text=NARINFO)]
-    )
+async def test_resets_are_retried(fetcher: BinaryCacheFetcher, server: CacheServer) -> None:
+    # Closed before any response (twice: aiohttp itself retries a GET once on a reused
+    # connection that turns out dead), then closed in the middle of the body.
+    server.reset_next(2, match="*.narinfo")
+    server.cut_after(5, match="*.narinfo")
     assert isinstance(await fetcher.locate(HASH), Offer)
-    assert len(delays(fetcher)) == 2
+    assert 2 <= len(delays(fetcher)) <= 3
+    assert narinfo_statuses(server)[-3:] == [0, 200, 200]
 
 
 async def test_refused_connections_mark_the_cache_down(
-    fetcher: BinaryCacheFetcher, router: respx.MockRouter
+    make: Callable[..., object], server: CacheServer
 ) -> None:
-    route = router.get(f"/{HASH}.narinfo").mock(side_effect=httpx.ConnectError("refused"))
+    fetcher = await make()  # type: ignore[misc]
+    assert fetcher.is_up
+    server.stop()  # nobody listens on that port any more: connections are refused
+    server.drop_connections()
     answer = await fetcher.locate(HASH)
-    assert isinstance(answer, Unavailable) and "ConnectError" in answer.reason
-    assert route.call_count == 4 and not fetcher.is_up
+    assert isinstance(answer, Unavailable) and "ClientConnectorError" in answer.reason
+    assert len(delays(fetcher)) == 3 and not fetcher.is_up
+    started = time.monotonic()
     answer = await fetcher.locate(HASH)
     assert isinstance(answer, Unavailable) and answer.reason.startswith("cache unreachable")
-    assert route.call_count == 4  # answered from the down mark
+    assert len(delays(fetcher)) == 3  # answered from the down mark, without trying
+    assert time.monotonic() - started < 0.5
 
 
-async def test_start_with_cache_info_5xx_marks_down(router: respx.MockRouter) -> None:
-    router.get("/nix-cache-info").respond(503)
-    fetcher = await make_fetcher()
-    try:
-        assert not fetcher.is_up and fetcher.cache_priority is None
-        answer = await fetcher.locate(HASH)
-        assert isinstance(answer, Unavailable) and "HTTP 503" in answer.reason
-    finally:
-        await fetcher.stop()
+async def test_unreachable_cache_at_start_answers_quickly(make: Callable[..., object]) -> None:
+    started = time.monotonic()
+    fetcher = await make(f"http://127.0.0.1:{closed_port()}")  # type: ignore[misc]
+    assert not fetcher.is_up
+    answer = await fetcher.locate(HASH)
+    assert isinstance(answer, Unavailable) and answer.reason.startswith("cache unreachable")
+    assert time.monotonic() - started < 2
 
 
-async def test_cache_priority_and_latency_cost(
-    fetcher: BinaryCacheFetcher, router: respx.MockRouter
+async def test_start_with_cache_info_5xx_marks_down(
+    make: Callable[..., object], server: CacheServer
 ) -> None:
+    server.fail_next(1, 503, match="nix-cache-info")
+    fetcher = await make()  # type: ignore[misc]
+    assert not fetcher.is_up and fetcher.cache_priority is None
+    answer = await fetcher.locate(HASH)
+    assert isinstance(answer, Unavailable) and "HTTP 503" in answer.reason
+
+
+async def test_cache_priority_and_latency_cost(fetcher: BinaryCacheFetcher) -> None:
     assert fetcher.cache_priority == 30
-    router.get(f"/{HASH}.narinfo").respond(200, text=NARINFO)
     answer = await fetcher.locate(HASH)
     assert isinstance(answer, Offer) and answer.cost >= 0
 
 
 async def test_oversized_narinfo_is_refused(
-    fetcher: BinaryCacheFetcher, router: respx.MockRouter
+    fetcher: BinaryCacheFetcher, root: Path
 ) -> None:
-    router.get(f"/{HASH}.narinfo").respond(200, content=b"X: y\n" * 300_000)
+    (root / f"{HASH}.narinfo").write_bytes(b"X: y\n" * 300_000)
     answer = await fetcher.locate(HASH)
     assert isinstance(answer, Unavailable) and "more than" in answer.reason
 
@@ -224,53 +242,47 @@ async def test_oversized_narinfo_is_refused(
 # --- open: errors at the boundary -----------------------------------------------------------------
 
 
-async def test_stall_mid_body_is_transient(router: respx.MockRouter) -> None:
-    async def stalling() -> AsyncIterator[bytes]:
-        yield NAR[:10]
-        await asyncio.sleep(3600)
-        yield NAR[10:]
-
-    router.get("/nar/hello.nar").respond(200, stream=stalling())
-    fetcher = await make_fetcher(stall_timeout=0.05)
-    received = bytearray()
-    try:
-        with pytest.raises(TransientFetchError, match="stalled"):
-            async for chunk in fetcher.open(an_offer()):
-                received += chunk
-        assert bytes(received) == NAR[:10]
-    finally:
-        await fetcher.stop()
-
-
-async def test_no_response_at_all_is_transient(router: respx.MockRouter) -> None:
-    async def never(request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(3600)
-        raise AssertionError("unreachable")
-
-    router.get("/nar/hello.nar").mock(side_effect=never)
-    fetcher = await make_fetcher(stall_timeout=0.05)
-    try:
-        with pytest.raises(TransientFetchError, match="no response"):
-            await read_all(fetcher, an_offer())
-    finally:
-        await fetcher.stop()
-
-
-@pytest.mark.parametrize(
-    "error", [httpx.ReadError("connection reset by peer"), httpx.ReadTimeout("read timed out")]
-)
-async def test_error_mid_body_is_translated(
-    error: httpx.HTTPError, fetcher: BinaryCacheFetcher, router: respx.MockRouter
+async def test_stall_mid_body_is_transient(
+    make: Callable[..., object], server: CacheServer
 ) -> None:
-    async def breaking() -> AsyncIterator[bytes]:
-        yield NAR[:10]
-        raise error
+    fetcher = await make(stall_timeout=0.2)  # type: ignore[misc]
+    server.stall(after=10)
+    received = bytearray()
+    with pytest.raises(TransientFetchError, match="stalled"):
+        async for chunk in fetcher.open(an_offer(f"{server.url}/nar/hello.nar")):
+            received += chunk
+    assert bytes(received) == NAR[:10]
 
-    router.get("/nar/hello.nar").respond(200, stream=breaking())
+
+async def test_no_response_at_all_is_transient(
+    make: Callable[..., object], server: CacheServer
+) -> None:
+    fetcher = await make(stall_timeout=0.2)  # type: ignore[misc]
+    server.hang_next(match="nar/*")
+    with pytest.raises(TransientFetchError, match="no response"):
+        await read_all(fetcher, an_offer(f"{server.url}/nar/hello.nar"))
+
+
+async def test_reset_mid_body_is_translated(
+    fetcher: BinaryCacheFetcher, server: CacheServer
+) -> None:
+    server.cut_after(10)
+    received = bytearray()
     with pytest.raises(TransientFetchError) as info:
-        await read_all(fetcher, an_offer())
-    assert info.value.__cause__ is error
-    assert f"{BASE}/nar/hello.nar" in str(info.value)
+        async for chunk in fetcher.open(an_offer(f"{server.url}/nar/hello.nar")):
+            received += chunk
+    assert isinstance(info.value.__cause__, aiohttp.ClientPayloadError)
+    assert f"{server.url}/nar/hello.nar" in str(info.value)
+    assert bytes(received) == NAR[:10]
+
+
+async def test_reset_before_the_response_on_open_is_transient(
+    fetcher: BinaryCacheFetcher, server: CacheServer
+) -> None:
+    server.reset_next(2, match="nar/*")  # 2: aiohttp retries once on a reused connection
+    with pytest.raises(TransientFetchError) as info:
+        await read_all(fetcher, an_offer(f"{server.url}/nar/hello.nar"))
+    assert isinstance(info.value.__cause__, aiohttp.ClientConnectionError)
 
 
 @pytest.mark.parametrize(
@@ -279,100 +291,109 @@ async def test_error_mid_body_is_translated(
      (429, TransientFetchError), (400, FetchError)],
 )
 async def test_open_statuses(
-    status: int, error: type[Exception], fetcher: BinaryCacheFetcher, router: respx.MockRouter
+    status: int, error: type[Exception], fetcher: BinaryCacheFetcher, server: CacheServer
 ) -> None:
-    router.get("/nar/hello.nar").respond(status)
+    server.fail_next(1, status, match="nar/*")
     with pytest.raises(error, match=f"HTTP {status}") as info:
-        await read_all(fetcher, an_offer())
+        await read_all(fetcher, an_offer(f"{server.url}/nar/hello.nar"))
     if error is FetchError:
         assert not isinstance(info.value, (NotAvailable, TransientFetchError))
 
 
-async def test_connect_error_on_open_is_transient(
-    fetcher: BinaryCacheFetcher, router: respx.MockRouter
-) -> None:
-    router.get("/nar/hello.nar").mock(side_effect=httpx.ConnectError("refused"))
-    with pytest.raises(TransientFetchError, match="ConnectError") as info:
-        await read_all(fetcher, an_offer())
-    assert isinstance(info.value.__cause__, httpx.ConnectError)
+async def test_connect_error_on_open_is_transient(fetcher: BinaryCacheFetcher) -> None:
+    uri = f"http://127.0.0.1:{closed_port()}/nar/hello.nar"
+    with pytest.raises(TransientFetchError, match="ClientConnectorError") as info:
+        await read_all(fetcher, an_offer(uri))
+    assert isinstance(info.value.__cause__, CONNECT_ERRORS)
 
 
-async def test_range_requests(fetcher: BinaryCacheFetcher, router: respx.MockRouter) -> None:
-    route = router.get("/nar/hello.nar")
-    end = len(NAR) - 1
-    route.respond(206, content=NAR[100:], headers={"Content-Range": f"bytes 100-{end}/{len(NAR)}"})
-    assert await read_all(fetcher, an_offer(), 100) == NAR[100:]
-    assert route.calls.last.request.headers["Range"] == "bytes=100-"
-    route.respond(200, content=NAR)  # a server that ignores Range: we skip ourselves
-    assert await read_all(fetcher, an_offer(), 100) == NAR[100:]
-    route.respond(206, content=NAR[50:], headers={"Content-Range": f"bytes 50-{end}/{len(NAR)}"})
-    with pytest.raises(FetchError, match="Content-Range"):
-        await read_all(fetcher, an_offer(), 100)
-    route.respond(416)
-    with pytest.raises(FetchError, match="416"):
-        await read_all(fetcher, an_offer(size=None), 10_000)
-    route.respond(200, content=NAR[:50])
+async def test_range_requests(fetcher: BinaryCacheFetcher, server: CacheServer) -> None:
+    uri = f"{server.url}/nar/hello.nar"
+    assert await read_all(fetcher, an_offer(uri), 100) == NAR[100:]
+    assert server.requests[-1].headers["Range"] == "bytes=100-"
+    assert server.requests[-1].status == 206
+    server.honour_range = False  # a server that ignores Range: we skip ourselves
+    assert await read_all(fetcher, an_offer(uri), 100) == NAR[100:]
+    assert server.requests[-1].status == 200
     with pytest.raises(FetchError, match="ends before offset"):
-        await read_all(fetcher, an_offer(size=None), 100)
-    route.respond(200, content=NAR)
-    assert await read_all(fetcher, an_offer()) == NAR
-    assert "Range" not in route.calls.last.request.headers
+        await read_all(fetcher, an_offer(uri, size=None), len(NAR) + 10)
+    server.honour_range = True
+    with pytest.raises(FetchError, match="416"):
+        await read_all(fetcher, an_offer(uri, size=None), 10_000)
+    server.misrange()
+    with pytest.raises(FetchError, match="Content-Range"):
+        await read_all(fetcher, an_offer(uri), 100)
+    server.clear_faults()
+    assert await read_all(fetcher, an_offer(uri)) == NAR
+    assert "Range" not in server.requests[-1].headers
+    # the connection survives all that: later reads still work from the pool
+    assert await read_all(fetcher, an_offer(uri), 7) == NAR[7:]
 
 
 async def test_compressed_bytes_are_never_decoded(
-    fetcher: BinaryCacheFetcher, router: respx.MockRouter
+    fetcher: BinaryCacheFetcher, server: CacheServer, root: Path
 ) -> None:
-    packed = gzip.compress(NAR)
-    route = router.get("/nar/hello.nar.gz").respond(
-        200,
-        content=packed,
-        headers={"Content-Encoding": "gzip", "Content-Type": "application/x-xz"},
-    )
-    assert await read_all(fetcher, an_offer(f"{BASE}/nar/hello.nar.gz", None)) == packed
-    assert route.calls.last.request.headers["Accept-Encoding"] == "identity"
+    server.add_headers("*.gz", {"Content-Encoding": "gzip", "Content-Type": "application/x-xz"})
+    packed = (root / "nar" / "hello.nar.gz").read_bytes()
+    got = await read_all(fetcher, an_offer(f"{server.url}/nar/hello.nar.gz", None))
+    assert got == packed
+    assert server.requests[-1].headers["Accept-Encoding"] == "identity"
 
 
 async def test_open_works_for_any_http_uri_but_nothing_else(
-    fetcher: BinaryCacheFetcher, router: respx.MockRouter
+    fetcher: BinaryCacheFetcher, root: Path, serve_cache: Serve
 ) -> None:
-    with respx.mock(base_url="https://[::1]:9") as other:
-        other.get("/x.nar").respond(200, content=NAR)
-        assert await read_all(fetcher, an_offer("https://[::1]:9/x.nar")) == NAR
+    other = serve_cache(root, "::1")
+    assert await read_all(fetcher, an_offer(f"{other.url}/nar/hello.nar")) == NAR
     with pytest.raises(FetchError, match="not an http"):
         await read_all(fetcher, an_offer("ftp://127.0.0.1/x.nar"))
 
 
 async def test_use_before_start_is_a_plugin_error() -> None:
-    fetcher = BinaryCacheFetcher("idle", BinaryCacheOptions(url=BASE))
+    fetcher = BinaryCacheFetcher("idle", BinaryCacheOptions(url="http://127.0.0.1:8"))
     with pytest.raises(PluginError, match="before start"):
-        await read_all(fetcher, an_offer())
+        await read_all(fetcher, an_offer("http://127.0.0.1:8/nar/hello.nar"))
 
 
-async def test_bearer_token_wins_over_netrc(router: respx.MockRouter, tmp_path: Path) -> None:
+async def test_bearer_token_wins_over_netrc(
+    make: Callable[..., object], server: CacheServer, tmp_path: Path
+) -> None:
     netrc, token = tmp_path / "netrc", tmp_path / "token"
     netrc.write_text("machine 127.0.0.1 login u password p\n")
     token.write_text("bearer-secret")
-    route = router.get(f"/{HASH}.narinfo").respond(200, text=NARINFO)
-    fetcher = await make_fetcher(netrc_file=netrc, bearer_token_file=token)
-    try:
-        assert isinstance(await fetcher.locate(HASH), Offer)
-        assert route.calls.last.request.headers["Authorization"] == "Bearer bearer-secret"
-    finally:
-        await fetcher.stop()
+    server.require_bearer("bearer-secret")
+    fetcher = await make(netrc_file=netrc, bearer_token_file=token)  # type: ignore[misc]
+    assert isinstance(await fetcher.locate(HASH), Offer)
+    assert server.requests[-1].headers["Authorization"] == "Bearer bearer-secret"
+
+
+async def test_netrc_credentials_are_sent(
+    make: Callable[..., object], server: CacheServer, tmp_path: Path
+) -> None:
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login u password p\n")
+    server.require_basic("u", "p")
+    fetcher = await make(netrc_file=netrc)  # type: ignore[misc]
+    assert fetcher.is_up and isinstance(await fetcher.locate(HASH), Offer)
 
 
 # --- the helpers ----------------------------------------------------------------------------------
 
 
+class _Headers:
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.headers = {k.lower(): v for k, v in headers.items()}
+
+
 def test_retry_after_parsing() -> None:
     def parse(value: str) -> float | None:
-        return retry_after_seconds(httpx.Response(503, headers={"Retry-After": value}))
+        return retry_after_seconds(_Headers({"Retry-After": value}))
 
     assert parse("12") == 12.0
     assert parse("soon") is None
     past = email.utils.formatdate(time.time() - 100, usegmt=True)
     assert parse(past) == 0.0
-    assert retry_after_seconds(httpx.Response(503)) is None
+    assert retry_after_seconds(_Headers({})) is None
 
 
 def test_backoff_is_bounded() -> None:
@@ -382,15 +403,13 @@ def test_backoff_is_bounded() -> None:
     assert policy.delay(3, retry_after=1000) == 5.0
 
 
-def test_bearer_auth_matches_origin_with_default_ports() -> None:
-    auth = BearerAuth("tok", "https://cache.example/prefix/")
-
-    def header(url: str) -> str | None:
-        request = httpx.Request("GET", url)
-        return next(auth.sync_auth_flow(request)).headers.get("Authorization")
-
-    assert header("https://cache.example:443/nar/x") == "Bearer tok"
-    assert header("https://CACHE.example/x") == "Bearer tok"
-    assert header("http://cache.example/x") is None
-    assert header("https://cache.example.evil/x") is None
+def test_bearer_auth_matches_origin_with_default_ports(tmp_path: Path) -> None:
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine other.example login u password p\n")
+    auth = RequestAuth(netrc, "tok", "https://cache.example/prefix/")
+    assert auth.header("https://cache.example:443/nar/x") == "Bearer tok"
+    assert auth.header("https://CACHE.example/x") == "Bearer tok"
+    assert auth.header("http://cache.example/x") is None
+    assert auth.header("https://cache.example.evil/x") is None
+    assert auth.header("https://other.example/x") == "Basic dTpw"
     assert "tok" not in repr(auth)
