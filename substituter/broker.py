@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from preserves import Record, preserve
 from syndicate import patterns as P
 from syndicate import turn
 from syndicate.actor import Turn
@@ -46,6 +47,30 @@ Opener = Callable[[Offer, int], AsyncIterator[bytes]]
 #: How long ``<failed …>`` stays asserted for status displays, and a bad source stays excluded.
 FAILURE_MEMORY = 600.0
 PROGRESS_INTERVAL = 0.5
+
+
+# Per demand the broker asserts one want and two observers whose only variable part is the
+# hash.  Encoding them through the schema classes cost more than the rest of a demand's turn,
+# so each is encoded once, with a placeholder for the hash, and copied with the hash put in.
+_HASH_SLOT = "\0hash-part\0"
+
+
+def _fill(template: Any, hash_part: str) -> Any:
+    if isinstance(template, Record):
+        return Record(template.key, [_fill(f, hash_part) for f in template])
+    if isinstance(template, dict):
+        return {k: _fill(v, hash_part) for k, v in template.items()}
+    if isinstance(template, tuple):
+        return tuple(_fill(v, hash_part) for v in template)
+    if isinstance(template, str) and template == _HASH_SLOT:
+        return hash_part
+    return template
+
+
+_WANT = {intent: preserve(Want(_HASH_SLOT, Intent.fetch() if intent == "fetch" else Intent.query()))
+         for intent in ("fetch", "query")}
+_OFFERS = preserve(P.bind(record_pattern(Available, hash=_HASH_SLOT)))
+_DECLINES = preserve(record_pattern(UnavailableRecord, hash=_HASH_SLOT, fetcher=P.CAPTURE, reason=P.CAPTURE))
 
 
 @dataclass(frozen=True)
@@ -169,9 +194,9 @@ class Broker:
             demand.fetcher_joined(name, priority)
 
         def facet_boot() -> None:
-            turn.publish(self.ds, Want(hash_part, Intent.fetch() if intent == "fetch" else Intent.query()))
+            turn.publish(self.ds, _fill(_WANT[intent if intent == "fetch" else "query"], hash_part))
 
-            @during(self.ds, P.bind(record_pattern(Available, hash=hash_part)))
+            @during(self.ds, _fill(_OFFERS, hash_part))
             def offered(value: Any) -> Any:
                 try:
                     record = Available.decode(value)
@@ -202,8 +227,7 @@ class Broker:
 
                 return withdrawn
 
-            @during(self.ds, record_pattern(UnavailableRecord, hash=hash_part, fetcher=P.CAPTURE,
-                                            reason=P.CAPTURE))
+            @during(self.ds, _fill(_DECLINES, hash_part))
             def declined(fetcher: Any, reason: Any) -> None:
                 self.metrics.offers.labels(str(fetcher), "unavailable").inc()
                 demand.declined(str(fetcher), str(reason))

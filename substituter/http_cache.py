@@ -18,9 +18,11 @@ download, never a short success.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -46,6 +48,7 @@ _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 
 NARINFO_TYPE = "text/x-nix-narinfo"
 NO_STORE = {"Cache-Control": "no-store"}
+_NARINFO_HEADERS = {"Content-Type": NARINFO_TYPE, "Cache-Control": "max-age=86400"}
 DAEMON_KEY: web.AppKey[Daemon] = web.AppKey("daemon")
 
 
@@ -60,10 +63,45 @@ def served_narinfo(info: NarInfo, cached: CachedNar | None) -> bytes:
     A NAR already in the verified cache is offered as that zstd file (sent with sendfile);
     otherwise as the plain NAR, streamed while it is verified (no compression work on the way,
     and a known length).  Both URLs stay valid whatever the cache holds later.
+
+    Rendered once per narinfo object and cache state: a resolution hands out the same
+    :class:`NarInfo` object for as long as it stands, so repeated requests reuse the bytes.
     """
-    if cached is not None:
-        return info.with_file(nar_url(info, True), "zstd", None, cached.file_size).to_bytes()
-    return info.with_file(nar_url(info, False), "none", info.nar_hash, info.nar_size).to_bytes()
+    entry = _served_entry(info)
+    state = -1 if cached is None else cached.file_size
+    body = entry.bodies.get(state)
+    if body is None:
+        if cached is not None:
+            body = info.with_file(nar_url(info, True), "zstd", None, cached.file_size).to_bytes()
+        else:
+            body = info.with_file(nar_url(info, False), "none", info.nar_hash, info.nar_size).to_bytes()
+        entry.bodies[state] = body
+    return body
+
+
+class _Served:
+    """What is derived from one narinfo object for serving it (kept with the object itself)."""
+
+    __slots__ = ("info", "nar_hash", "bodies")
+
+    def __init__(self, info: NarInfo) -> None:
+        self.info = info  # holds the object, so its id() is not reused while this entry lives
+        self.nar_hash = info.nar_hash.nix32()
+        self.bodies: dict[int, bytes] = {}
+
+
+#: Rendered narinfos by ``id(info)``, oldest first; bounded so old resolutions can go.
+_SERVED: OrderedDict[int, _Served] = OrderedDict()
+SERVED_ENTRIES = 8192
+
+
+def _served_entry(info: NarInfo) -> _Served:
+    entry = _SERVED.get(id(info))
+    if entry is None or entry.info is not info:
+        entry = _SERVED[id(info)] = _Served(info)
+        if len(_SERVED) > SERVED_ENTRIES:
+            _SERVED.popitem(last=False)
+    return entry
 
 
 def _not_found(reason: str) -> web.Response:
@@ -91,15 +129,13 @@ async def narinfo(request: web.Request) -> web.Response:
         return _not_found(f"{hash_part}: {res.reason}")
     daemon.metrics.narinfo_requests.labels("hit").inc()
     cache = daemon.nars.cache
-    cached = cache.get(res.info.nar_hash.nix32()) if cache is not None else None
-    return web.Response(
-        body=served_narinfo(res.info, cached),
-        content_type=NARINFO_TYPE,
-        headers={"Cache-Control": "max-age=86400"},
-    )
+    cached = cache.get(_served_entry(res.info).nar_hash) if cache is not None else None
+    return web.Response(body=served_narinfo(res.info, cached), headers=_NARINFO_HEADERS)
 
 
 IMMUTABLE = "max-age=31536000, immutable"
+#: Cached zstd files up to this size are sent from memory rather than with sendfile.
+SMALL_FILE = 256 * 1024
 
 
 async def nar(request: web.Request) -> web.StreamResponse:
@@ -134,6 +170,14 @@ async def _nar_zstd(request: web.Request, daemon: Daemon, nar_hash: str, hash_pa
     if cached is not None:
         # Verified before it was cached and named by its NarHash: sendfile, Range, HEAD for free.
         daemon.metrics.nar_bytes.inc(cached.file_size)
+        if cached.file_size <= SMALL_FILE and request.method == "GET" and "Range" not in request.headers:
+            # A small file costs less read in one worker call and sent with its headers in one
+            # write than through FileResponse (stat/open and close in workers, then sendfile).
+            try:
+                body = await asyncio.to_thread(cached.path.read_bytes)
+            except FileNotFoundError:
+                return _not_found(f"{hash_part}: NAR left the cache")
+            return web.Response(body=body, headers=headers)
         return web.FileResponse(cached.path, headers=headers)
     assert res is not None
     response = web.StreamResponse(headers=headers)  # length unknown while compressing: chunked

@@ -29,6 +29,8 @@ log = logging.getLogger("substituter.nar_cache")
 _NAR_HASH = re.compile(r"[0123456789abcdfghijklmnpqrsvwxyz]{52}")
 _ENTRY = re.compile(r"([0123456789abcdfghijklmnpqrsvwxyz]{52})-(\d+)\.nar\.zst")
 READ_CHUNK = 256 * 1024
+#: Entries up to this NarSize are read and decompressed whole, in one worker call.
+SMALL_READ = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,13 @@ class NarCache:
         entry = self.get(nar_hash)
         if entry is None:
             raise FileNotFoundError(f"NAR {nar_hash} is not in the cache")
+        if entry.nar_size <= SMALL_READ:
+            # One worker call for the whole small NAR (the fd opened there; a concurrent
+            # eviction between get() and open() reads as a missing entry).
+            data = await asyncio.to_thread(self._read_entry, entry)
+            if offset < len(data):
+                yield data[offset:] if offset else data
+            return
         # Opening the fd now keeps the data readable even if the entry is evicted meanwhile.
         f = open(entry.path, "rb")  # noqa: ASYNC230 - one open of a local file; reads go to a thread
         try:
@@ -112,6 +121,25 @@ class NarCache:
                 yield chunk
         finally:
             f.close()
+
+    def put(self, nar_hash: str, nar_size: int, data: bytes) -> None:
+        """Cache a whole verified NAR held in memory: compress, write, commit, in the calling
+        thread (one worker call for a small NAR instead of one per step)."""
+        writer = self.writer(nar_hash, nar_size)
+        try:
+            writer.write(data)
+            writer.commit_sync()
+        except BaseException:
+            writer.abort()
+            raise
+
+    @staticmethod
+    def _read_entry(entry: CachedNar) -> bytes:
+        with open(entry.path, "rb") as f:
+            data = zstandard.ZstdDecompressor().decompressobj().decompress(f.read())
+        if len(data) != entry.nar_size:
+            raise SizeMismatch(f"cached NAR {entry.nar_hash} has {len(data)} bytes, NarSize is {entry.nar_size}")
+        return data
 
     def writer(self, nar_hash: str, nar_size: int) -> CacheWriter:
         if not _NAR_HASH.fullmatch(nar_hash):
@@ -196,13 +224,19 @@ class CacheWriter:
         """Check the size, finish the frame, make the entry visible; returns the frame's end."""
         if self._done:
             return b""
+        return await asyncio.to_thread(self.commit_sync)
+
+    def commit_sync(self) -> bytes:
+        """:meth:`commit` in the calling thread (finishing, fsync and rename: run it in a worker)."""
+        if self._done:
+            return b""
         if self.written != self.nar_size:
             self.abort()
             raise SizeMismatch(f"cache got {self.written} bytes, NarSize is {self.nar_size}")
         self._done = True
         try:
             tail = self._frame.finish()
-            await asyncio.to_thread(self._finish, tail)
+            self._finish(tail)
         except BaseException:
             self._tmp.unlink(missing_ok=True)
             raise
@@ -210,7 +244,7 @@ class CacheWriter:
         if self.nar_hash in self.cache._entries:
             self._tmp.unlink(missing_ok=True)  # someone else cached it first
             return tail
-        file_size = self._tmp.stat().st_size
+        file_size = os.stat(self._tmp).st_size
         if file_size > self.cache.max_size:
             log.info("NAR %s (%d bytes compressed) is larger than the cache; not kept", self.nar_hash, file_size)
             self._tmp.unlink(missing_ok=True)

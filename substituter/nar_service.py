@@ -27,6 +27,8 @@ log = logging.getLogger("substituter.nar")
 DEFAULT_SPOOL_LIMIT = 32 * 1024 * 1024
 #: How many times a spool starts over with the remaining sources after one sent wrong bytes.
 MAX_RESTARTS = 3
+#: NARs up to this size are spooled in memory and written to the cache in one worker call.
+MEMORY_SPOOL = 1024 * 1024
 
 SourcesFn = Callable[["Resolution", set[str]], list[Source]]
 EventsFn = Callable[["Resolution"], TransferEvents]
@@ -92,7 +94,12 @@ class NarService:
         nar_hash = res.info.nar_hash.nix32()
         if self.cache is not None:
             if self.cache.get(nar_hash) is None and res.info.nar_size <= self.spool_limit:
-                await self._spool_once(res, nar_hash)
+                data = await self._spool_once(res, nar_hash)
+                if data is not None:
+                    # Just verified and cached: serve the bytes in hand, not the file again.
+                    if offset < len(data):
+                        yield data[offset:] if offset else data
+                    return
             if self.cache.get(nar_hash) is not None:
                 async for chunk in self.cache.open(nar_hash, offset):
                     yield chunk
@@ -100,36 +107,49 @@ class NarService:
         async for chunk in self._stream_through(res, offset):
             yield chunk
 
-    async def _spool_once(self, res: Resolution, nar_hash: str) -> None:
-        """One spool per NAR at a time; concurrent requests wait for the same one."""
+    async def _spool_once(self, res: Resolution, nar_hash: str) -> bytes | None:
+        """One spool per NAR at a time; concurrent requests wait for the same one.
+
+        Returns the verified NAR when it was small enough to be spooled in memory.
+        """
         task = self._spooling.get(nar_hash)
         if task is None:
             task = asyncio.ensure_future(self._spool(res, nar_hash))
             self._spooling[nar_hash] = task
             task.add_done_callback(lambda _t: self._spooling.pop(nar_hash, None))
-        await asyncio.shield(task)
+        return await asyncio.shield(task)
 
-    async def _spool(self, res: Resolution, nar_hash: str) -> None:
+    async def _spool(self, res: Resolution, nar_hash: str) -> bytes | None:
         assert self.cache is not None and res.info is not None
+        in_memory = res.info.nar_size <= MEMORY_SPOOL
         bad: set[str] = set()
         for _attempt in range(MAX_RESTARTS + 1):
             sources = self._sources(res, bad)
             if not sources:
                 break
-            writer = self.cache.writer(nar_hash, res.info.nar_size)
+            writer = None if in_memory else self.cache.writer(nar_hash, res.info.nar_size)
             try:
+                if writer is None:
+                    # Small NAR: collect the verified bytes, then compress, write, fsync and
+                    # rename in one worker call.
+                    chunks = [chunk async for chunk in verified_nar(res.info, sources, self._events(res))]
+                    data = b"".join(chunks)
+                    await asyncio.to_thread(self.cache.put, nar_hash, res.info.nar_size, data)
+                    return data
                 async for chunk in verified_nar(res.info, sources, self._events(res)):
                     await asyncio.to_thread(writer.write, chunk)
                 await writer.commit()
-                return
+                return None
             except TransferFailed as exc:
-                writer.abort()
+                if writer is not None:
+                    writer.abort()
                 if not exc.bad:
                     raise
                 bad.update(exc.bad)
                 log.warning("%s: starting over without %s", res.info.store_path, ", ".join(exc.bad))
             except BaseException:
-                writer.abort()
+                if writer is not None:
+                    writer.abort()
                 raise
         raise TransferFailed(
             f"no source could deliver {res.info.store_path}: "

@@ -12,6 +12,7 @@ import binascii
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -62,11 +63,22 @@ class PublicKey:
             return False
         if len(signature) != _SIGNATURE_SIZE:
             return False
+        key = self._verifier
+        if key is None:
+            return False
         try:
-            Ed25519PublicKey.from_public_bytes(self.key).verify(signature, message)
-        except (InvalidSignature, ValueError):
+            key.verify(signature, message)
+        except InvalidSignature:
             return False
         return True
+
+    @cached_property
+    def _verifier(self) -> Ed25519PublicKey | None:
+        """The key object, built once per key (None: bytes that are no ed25519 point)."""
+        try:
+            return Ed25519PublicKey.from_public_bytes(self.key)
+        except ValueError:
+            return None
 
     def __str__(self) -> str:
         return f"{self.name}:{base64.b64encode(self.key).decode('ascii')}"
