@@ -47,6 +47,10 @@ THREAD_THRESHOLD = 256 * 1024
 DECODE_PIECE = 128 * 1024
 #: Input from a source is gathered into pieces this big before it is decoded and hashed.
 COALESCE = 512 * 1024
+#: Decoded output is handed on in pieces of about this size (never one piece per input piece:
+#: text compresses ~20x, so 512 KiB of input is ~10 MiB of NAR, and the pipeline queues hold
+#: several pieces: bounded pieces bound the memory of a transfer).
+OUTPUT_PIECE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -217,9 +221,36 @@ async def prefetched(it: AsyncIterator[bytes], depth: int = 4) -> AsyncIterator[
             await aclose()
 
 
-def _decode_all(decoder: Any, data: bytes) -> bytes:
-    """Decode in bounded pieces (one call's output is input x ratio), in one worker-thread step."""
-    return b"".join(decoder.decode(data[i:i + DECODE_PIECE]) for i in range(0, len(data), DECODE_PIECE))
+def _decode_all(decoder: Any, data: bytes) -> list[bytes]:
+    """Decode in bounded pieces (one call's output is input x ratio), in one worker-thread step.
+
+    Returns the output as pieces of about OUTPUT_PIECE bytes; small outputs are joined, large
+    ones handed on as they are (no copy).
+    """
+    pieces: list[bytes] = []
+    small: list[bytes] = []
+    small_size = 0
+    for i in range(0, len(data), DECODE_PIECE):
+        out = decoder.decode(data[i:i + DECODE_PIECE])
+        if not out:
+            continue
+        if len(out) >= OUTPUT_PIECE and not small:
+            pieces.append(out)
+            continue
+        small.append(out)
+        small_size += len(out)
+        if small_size >= OUTPUT_PIECE:
+            pieces.append(small[0] if len(small) == 1 else b"".join(small))
+            small, small_size = [], 0
+    if small:
+        pieces.append(small[0] if len(small) == 1 else b"".join(small))
+    return pieces
+
+
+async def _decoded(decoder: Any, data: bytes) -> list[bytes]:
+    if len(data) >= THREAD_THRESHOLD:
+        return await asyncio.to_thread(_decode_all, decoder, data)
+    return _decode_all(decoder, data)
 
 
 async def _nar_chunks(source: Source, offset: int, max_size: int, stall: float) -> AsyncIterator[bytes]:
@@ -231,14 +262,14 @@ async def _nar_chunks(source: Source, offset: int, max_size: int, stall: float) 
     skip = 0 if raw else offset
     try:
         received = _with_stall_timeout(stream, stall, source.fetcher)
-        async for piece in prefetched(_coalesced(received, COALESCE)):
-            if decoder is not None:
-                piece = await _maybe_thread(lambda data: _decode_all(decoder, data), piece) or b""
-            if skip:
-                cut = min(skip, len(piece))
-                piece, skip = piece[cut:], skip - cut
-            if piece:
-                yield piece
+        async for data in prefetched(_coalesced(received, COALESCE)):
+            pieces = [data] if decoder is None else await _decoded(decoder, data)
+            for piece in pieces:
+                if skip:
+                    cut = min(skip, len(piece))
+                    piece, skip = piece[cut:], skip - cut
+                if piece:
+                    yield piece
         if decoder is not None:
             tail = decoder.flush()
             if skip:
