@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ _ENTRY = re.compile(r"([0123456789abcdfghijklmnpqrsvwxyz]{52})-(\d+)\.nar\.zst")
 READ_CHUNK = 256 * 1024
 #: Entries up to this NarSize are read and decompressed whole, in one worker call.
 SMALL_READ = 1024 * 1024
+#: Seconds between refreshes of an entry's mtime (its recency across restarts).
+TOUCH_INTERVAL = 60.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class NarCache:
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, CachedNar] = OrderedDict()  # least recently used first
         self._total = 0
+        self._touched: dict[str, float] = {}
         self._scan()
 
     def _scan(self) -> None:
@@ -86,10 +90,17 @@ class NarCache:
                 self._forget(nar_hash)
                 return None
             self._entries.move_to_end(nar_hash)
-        try:
-            os.utime(entry.path)
-        except OSError:
-            pass
+            # The in-memory order is the LRU; mtime only seeds it at the next start, so it is
+            # refreshed at most once a minute per entry (not a syscall per request).
+            now = time.monotonic()
+            touch = now - self._touched.get(nar_hash, -TOUCH_INTERVAL) >= TOUCH_INTERVAL
+            if touch:
+                self._touched[nar_hash] = now
+        if touch:
+            try:
+                os.utime(entry.path)
+            except OSError:
+                pass
         return entry
 
     async def open(self, nar_hash: str, offset: int = 0) -> AsyncIterator[bytes]:
@@ -158,6 +169,7 @@ class NarCache:
         self.evict()
 
     def _forget(self, nar_hash: str) -> None:
+        self._touched.pop(nar_hash, None)
         entry = self._entries.pop(nar_hash, None)
         if entry is not None:
             self._total -= entry.file_size
