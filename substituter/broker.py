@@ -90,10 +90,17 @@ class Resolution:
     def verdict(self) -> Any:
         return self.candidates[0].verdict if self.candidates else None
 
+    def for_nar(self, nar_hash: str) -> Resolution:
+        """Only the candidates offering the NAR with this NarHash (nix32): another build of an
+        input-addressed path is a different NAR, and its bytes must never be mixed in."""
+        same = [c for c in self.candidates if c.offer.info.nar_hash.nix32() == nar_hash]
+        return Resolution(self.hash_part, same, self.reason if same else f"no trusted offer of NAR {nar_hash}")
+
 
 @dataclass
 class _Active:
     demand: Demand
+    intent: str = "query"
     facet: Any = None
     waiters: list[asyncio.Future[Resolution]] = field(default_factory=list)
     expires: float = 0.0
@@ -112,6 +119,7 @@ class Broker:
         openers: Mapping[str, Opener] | None = None,
         linger: float = 60.0,
         metrics: Metrics | None = None,
+        local_answers: set[tuple[str, str]] | None = None,
     ) -> None:
         self.ds = ds
         self.trust = trust
@@ -125,6 +133,12 @@ class Broker:
         self._live_count: dict[str, int] = {}
         self._active: dict[str, _Active] = {}
         self._bad: dict[tuple[str, str], float] = {}
+        self._failures: dict[tuple[str, str], Any] = {}
+        #: (hash, fetcher) answers made by this process's own fetcher hosts.  An answer in the
+        #: dataspace that names a local fetcher but is not in here was asserted by someone else
+        #: under that name, and is ignored: it must neither be opened with the local fetcher's
+        #: session nor cut a demand short.
+        self.local_answers = local_answers if local_answers is not None else set()
         self.facet: Any = None
 
     # --- wiring ----------------------------------------------------------------------------
@@ -162,12 +176,14 @@ class Broker:
     async def resolve(self, hash_part: str, intent: str = "query") -> Resolution:
         """The ranked trusted offers for a path (empty with a reason when there are none)."""
         active = self._active.get(hash_part)
+        if active is not None and intent == "fetch" and active.intent != "fetch":
+            self._upgrade(hash_part, active)
         if active is not None and active.demand.decided and not active.waiters:
             active.expires = max(active.expires, time.monotonic() + self.linger)
             return self._resolution(active)
         future: asyncio.Future[Resolution] = asyncio.get_running_loop().create_future()
         if active is None:
-            active = _Active(Demand(hash_part, dict(self.live), self.stats))
+            active = _Active(Demand(hash_part, dict(self.live), self.stats), intent)
             self._active[hash_part] = active
             active.waiters.append(future)
             self._external(lambda: self._start(hash_part, active, intent))
@@ -181,6 +197,23 @@ class Broker:
             if future in active.waiters:
                 active.waiters.remove(future)
             return self._resolution(active)
+
+    def _upgrade(self, hash_part: str, active: _Active) -> None:
+        """The NAR is now needed too: say so (fetchers may prepare, e.g. warm a mirror)."""
+        active.intent = "fetch"
+
+        def publish() -> None:
+            if active.facet is not None and active.facet.alive:
+                turn.run(active.facet, lambda: turn.publish(self.ds, _fill(_WANT["fetch"], hash_part)))
+
+        self._external(publish)
+
+    def _foreign(self, hash_part: str, fetcher: str) -> bool:
+        """An answer under a local fetcher's name that this process did not make."""
+        if fetcher in self.local_fetchers and (hash_part, fetcher) not in self.local_answers:
+            log.warning("ignoring an answer for %s claiming to come from local fetcher %s", hash_part, fetcher)
+            return True
+        return False
 
     def _resolution(self, active: _Active) -> Resolution:
         demand = active.demand
@@ -203,6 +236,8 @@ class Broker:
                     offer = record_to_offer(record)
                 except ProtocolError as exc:
                     log.warning("ignoring a malformed offer for %s: %s", hash_part, exc)
+                    return None
+                if self._foreign(hash_part, record.fetcher):
                     return None
                 if self._opener(record.fetcher, offer.uri) is None:
                     # Counting it would serve a narinfo whose NAR must fail, where a 404 lets Nix
@@ -229,6 +264,8 @@ class Broker:
 
             @during(self.ds, _fill(_DECLINES, hash_part))
             def declined(fetcher: Any, reason: Any) -> None:
+                if self._foreign(hash_part, str(fetcher)):
+                    return
                 self.metrics.offers.labels(str(fetcher), "unavailable").inc()
                 demand.declined(str(fetcher), str(reason))
                 self._check(hash_part)
@@ -279,10 +316,14 @@ class Broker:
         """How to open each trusted candidate, best first, without excluded or bad sources."""
         active = self._active.get(res.hash_part)
         candidates = self._resolution(active).candidates if active is not None else res.candidates
+        info = res.info
         result = []
         for c in candidates:
             if c.fetcher in exclude or self._is_bad(res.hash_part, c.fetcher):
                 continue
+            if info is not None and (c.offer.info.nar_hash != info.nar_hash
+                                     or c.offer.info.nar_size != info.nar_size):
+                continue  # another NAR of the same path: its bytes cannot continue this one
             opener = self._opener(c.fetcher, c.offer.uri)
             if opener is None:
                 log.warning("%s offers %s, which no installed plugin can open", c.fetcher, c.offer.uri)
@@ -312,7 +353,10 @@ class Broker:
 
         def failed(fetcher: str, reason: str, transient: bool) -> None:
             if not transient:
-                self._bad[(res.hash_part, fetcher)] = time.monotonic() + FAILURE_MEMORY
+                now = time.monotonic()
+                if len(self._bad) > 1024:
+                    self._bad = {k: t for k, t in self._bad.items() if t > now}
+                self._bad[(res.hash_part, fetcher)] = now + FAILURE_MEMORY
                 self.metrics.verification_failures.labels(fetcher).inc()
             self._external(lambda: self._assert_failure(res.hash_part, fetcher, reason, transient))
 
@@ -327,10 +371,21 @@ class Broker:
                               content_hash=verdict.content_hash if verdict is not None else None)
 
     def _assert_failure(self, hash_part: str, fetcher: str, reason: str, transient: bool) -> None:
+        """Assert the latest failure per (path, source) for a while; a repeat replaces it."""
+        key = (hash_part, fetcher)
+        previous = self._failures.pop(key, None)
+        if previous is not None:
+            turn.stop(previous)
+
         def boot() -> None:
             turn.publish(self.ds, Failed(hash_part, fetcher, reason, transient))
 
         facet = turn.facet(boot)
-        asyncio.get_running_loop().call_later(
-            FAILURE_MEMORY, lambda: Turn.external(self.facet, lambda: turn.stop(facet))
-        )
+        self._failures[key] = facet
+
+        def expire() -> None:
+            if self._failures.get(key) is facet:
+                del self._failures[key]
+                turn.stop(facet)
+
+        asyncio.get_running_loop().call_later(FAILURE_MEMORY, lambda: Turn.external(self.facet, expire))

@@ -71,11 +71,13 @@ class FetcherHost:
     """Attach ``fetcher`` to the dataspace ``ds``; call :meth:`boot` inside a turn."""
 
     def __init__(self, fetcher: Fetcher, ds: Any, *, locate_timeout: float = 5.0,
-                 host: str | None = None) -> None:
+                 host: str | None = None, local_answers: set[tuple[str, str]] | None = None) -> None:
         self.fetcher = fetcher
         self.ds = ds
         self.locate_timeout = locate_timeout
         self.host = host or socket.gethostname()
+        #: Shared with an in-process broker: which answers really come from this process.
+        self.local_answers = local_answers
 
     def boot(self) -> None:
         f = self.fetcher
@@ -94,6 +96,10 @@ class FetcherHost:
                 return True  # keep the facet (and so the answer) until the want goes
 
     def _publish(self, hash_part: str, answer: Answer) -> None:
+        if self.local_answers is not None:
+            key = (hash_part, self.fetcher.name)
+            self.local_answers.add(key)  # before the assertion can reach the broker
+            turn.on_stop(lambda: self.local_answers.discard(key) if self.local_answers is not None else None)
         if isinstance(answer, Offer):
             turn.publish(self.ds, offer_to_record(hash_part, self.fetcher.name, answer))
         else:

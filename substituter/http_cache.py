@@ -150,10 +150,10 @@ async def nar(request: web.Request) -> web.StreamResponse:
     if cached is None:
         # Not cached yet: only a trusted offer of exactly this NarHash will do.
         res = await daemon.broker.resolve(hash_part, "fetch")
+        # Only offers of exactly this NAR: another trusted build of the path is another NAR.
+        res = res.for_nar(nar_hash)
         if res.info is None:
             return _not_found(f"{hash_part}: {res.reason}")
-        if res.info.nar_hash.nix32() != nar_hash:
-            return _not_found(f"{hash_part}: NarHash differs from the requested NAR")
     if zst:
         return await _nar_zstd(request, daemon, nar_hash, hash_part, cached, res)
     return await _nar_raw(request, daemon, nar_hash, hash_part, cached, res)

@@ -101,12 +101,15 @@ class Runtime:
         self.link.ref, self.link.facet = ds, turn.active_facet()
         local = {f.name: f for f, _ in self.fetchers}
         openers: dict[str, Any] = {scheme: o.open for scheme, o in self.openers.items()}
+        local_answers: set[tuple[str, str]] = set()
         broker = Broker(ds, self.trust, locate_timeout=self.config.locate_timeout,
-                        local_fetchers=local, openers=openers, metrics=self.metrics)
+                        local_fetchers=local, openers=openers, metrics=self.metrics,
+                        local_answers=local_answers)
         broker.boot()
         for fetcher, fc in self.fetchers:
             timeout = fc.locate_timeout or self.config.locate_timeout
-            turn.facet(FetcherHost(fetcher, ds, locate_timeout=timeout).boot)
+            host = FetcherHost(fetcher, ds, locate_timeout=timeout, local_answers=local_answers)
+            turn.facet(host.boot)
 
         def ready() -> None:
             self.broker = broker

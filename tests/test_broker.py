@@ -14,6 +14,8 @@ from substituter.broker import Broker, Resolution
 from substituter.dataspace.dataspace import Dataspace
 from substituter.fetcher_host import FetcherHost
 from substituter.plugin import FunctionFetcher, Offer, Unavailable
+from substituter.protocol import Unavailable as UnavailableRecord
+from substituter.records import offer_to_record
 from substituter.trust import TrustPolicy
 
 from .helpers import KEY, OTHER_KEY, make_info, make_nar, serve_bytes
@@ -30,11 +32,15 @@ def run_with_broker(fetchers: list[FunctionFetcher], scenario: Callable[[Broker,
 
     def boot() -> None:
         ds = turn.ref(Dataspace())
+        local_answers: set[tuple[str, str]] = set()
         broker = Broker(ds, TRUST, locate_timeout=locate_timeout,
-                        local_fetchers={f.name: f for f in fetchers})
+                        local_fetchers={f.name: f for f in fetchers if not f.name.startswith("remote-")},
+                        local_answers=local_answers)
         broker.boot()
         for f in fetchers:
-            turn.facet(FetcherHost(f, ds, locate_timeout=locate_timeout).boot)
+            host = FetcherHost(f, ds, locate_timeout=locate_timeout,
+                               local_answers=None if f.name.startswith("remote-") else local_answers)
+            turn.facet(host.boot)
         root = turn.active_facet()
 
         @turn.linked_task()
@@ -139,3 +145,36 @@ def test_garbage_hash_and_crashing_plugin_become_unavailable(tmp_path: Path) -> 
         assert res.info is None and "plugin bug" in res.reason
 
     run_with_broker([FunctionFetcher("buggy", boom, serve_bytes(b""))], scenario)
+
+
+def test_answers_under_a_local_fetchers_name_from_elsewhere_are_ignored(tmp_path: Path) -> None:
+    """A peer on the dataspace cannot speak for an in-process fetcher (and so cannot have its
+    URIs opened with that fetcher's session, or cut a demand short with a fake 'unavailable')."""
+    nar = make_nar(tmp_path, 1000)
+    info = make_info(nar)
+
+    async def scenario(broker: Broker, root: Any) -> None:
+        # An impostor answers first, under the local fetcher's name, from outside its host.
+        turn.external(root, lambda: turn.publish(broker.ds, UnavailableRecord(H, "cache", "spoofed 404")))
+        turn.external(root, lambda: turn.publish(broker.ds, offer_to_record(H, "cache", Offer(info, "https://evil/x"))))
+        res = await broker.resolve(H)
+        assert [c.offer.uri for c in res.candidates] == ["test://cache"]
+
+    run_with_broker([offering("cache", info, 0.3)], scenario, locate_timeout=5.0)
+
+
+def test_sources_never_mix_two_nars_of_one_path(tmp_path: Path) -> None:
+    a = make_info(make_nar(tmp_path, 1000, "a"))
+    b = make_info(make_nar(tmp_path, 2000, "b"))  # same store path, another build
+
+    async def scenario(broker: Broker, _root: Any) -> None:
+        res = await broker.resolve(H)
+        assert {c.fetcher for c in res.candidates} == {"one", "two"}
+        best = res.candidates[0]
+        sources = broker.sources(res, set())
+        assert [s.fetcher for s in sources] == [best.fetcher]
+        other = "two" if best.fetcher == "one" else "one"
+        other_hash = (b if best.fetcher == "one" else a).nar_hash.nix32()
+        assert [c.fetcher for c in res.for_nar(other_hash).candidates] == [other]
+
+    run_with_broker([offering("one", a, 0.0, 10), offering("two", b, 0.0, 10)], scenario)
