@@ -20,10 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from syndicate import turn
+from syndicate.actor import Turn
+
 from .broker import Resolution
 from .errors import FetchError, FormatError, StoreError, SubstituterError
 from .nix.narinfo import NarInfo
 from .nix.store_path import StorePath, validate_hash_part
+from .protocol import Realised
 from .store.base import PathInfo, Store
 
 __all__ = ["FetchPlan", "Progress", "fetch_closure", "open_store", "parse_targets"]
@@ -78,7 +82,7 @@ class FetchPlan:
     """The closure to import: resolutions by hash part, and what went wrong."""
 
     resolutions: dict[str, Resolution] = field(default_factory=dict)
-    present: set[str] = field(default_factory=set)
+    present: dict[str, str] = field(default_factory=dict)  # hash part -> store path, already valid
     missing: dict[str, str] = field(default_factory=dict)  # hash part -> why
 
     def topological(self) -> list[Resolution]:
@@ -156,18 +160,20 @@ async def resolve_closure(runtime: Any, store: Store, roots: list[str], store_di
             if r.info is None:
                 plan.missing[r.hash_part] = r.reason
         valid = await store.query_valid_paths(r.info.store_path for r in found.values())
-        next_frontier = []
+        wanted_refs: dict[str, str] = {}  # hash part -> full path, references not yet seen
         for hash_part, res in found.items():
             if res.info.store_path in valid:
-                plan.present.add(hash_part)  # a valid path's closure is valid too
+                plan.present[hash_part] = res.info.store_path  # a valid path's closure is valid too
                 continue
             plan.resolutions[hash_part] = res
             for ref in res.info.references:
-                ref_hash = ref[:32]
-                if ref_hash not in seen:
-                    seen.add(ref_hash)
-                    next_frontier.append(ref_hash)
-        frontier = next_frontier
+                if ref[:32] not in seen:
+                    seen.add(ref[:32])
+                    wanted_refs[ref[:32]] = f"{store_dir}/{ref}"
+        # References the store already has (e.g. built locally) need no source at all.
+        present = await store.query_valid_paths(wanted_refs.values()) if wanted_refs else set()
+        plan.present.update((h, path) for h, path in wanted_refs.items() if path in present)
+        frontier = [h for h, path in wanted_refs.items() if path not in present]
     return plan
 
 
@@ -182,8 +188,20 @@ async def fetch_closure(runtime: Any, store: Store, roots: list[str], *, jobs: i
     failures: dict[str, str] = {}
     if plan.missing:
         return plan, failures
+    add_temp_root = getattr(store, "add_temp_root", None)
+    if add_temp_root is not None:
+        # What is already there must survive a garbage collection until its referrers are in.
+        for path in plan.present.values():
+            await add_temp_root(path)
 
     limit = asyncio.Semaphore(jobs)
+
+    def realised(path: str) -> None:
+        """Tell the dataspace (and whoever watches it) that the path is now in this store."""
+        record = Realised(path, store_label)
+        Turn.external(runtime.facet, lambda: turn.publish(runtime.ds, record))
+
+    store_label = getattr(store, "socket_path", None) or getattr(store, "root", "store")
 
     async def download(res: Resolution) -> None:
         async with limit:
@@ -203,6 +221,7 @@ async def fetch_closure(runtime: Any, store: Store, roots: list[str], *, jobs: i
             failures[res.info.store_path] = str(exc)
             raise
         progress.path_done(res.info.store_path, "imported")
+        realised(res.info.store_path)
 
     try:
         # One operation for the whole closure (one `nix-store --import`, or one daemon
@@ -219,19 +238,6 @@ async def fetch_closure(runtime: Any, store: Store, roots: list[str], *, jobs: i
     return plan, failures
 
 
-class _AcceptAll:
-    """--no-require-sigs: any offer is used, its bytes still checked against its NarHash."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def judge(self, info: NarInfo) -> Any:
-        from .trust import Verdict
-
-        verdict = self.inner.judge(info)
-        return verdict if verdict.trusted else Verdict(True, f"accepted without signature ({verdict.reason})")
-
-
 def run_fetch(config: Any, targets: list[str], store_spec: str, *, jobs: int = 8,
               require_sigs: bool = True, out: TextIO = sys.stderr) -> int:
     """The whole `substituter fetch`: returns the exit code (0 all present, 1 failures)."""
@@ -242,9 +248,8 @@ def run_fetch(config: Any, targets: list[str], store_spec: str, *, jobs: int = 8
     from .runtime import Runtime
     from .trust import TrustPolicy
 
-    trust = TrustPolicy(config.trusted_public_keys)
-    runtime = Runtime(config, trust=trust if require_sigs else _AcceptAll(trust),  # type: ignore[arg-type]
-                      spool_limit=2**63, durable_cache=False)
+    trust = TrustPolicy(config.trusted_public_keys, require_sigs=require_sigs)
+    runtime = Runtime(config, trust=trust, spool_limit=2**63, durable_cache=False)
     loop = asyncio.new_event_loop()
     result = {"code": 1}
 

@@ -33,10 +33,19 @@ class Verdict:
 class TrustPolicy:
     """Judges narinfos against the configured ``trusted-public-keys``."""
 
-    def __init__(self, keys: Iterable[str | PublicKey]) -> None:
+    def __init__(self, keys: Iterable[str | PublicKey], *, require_sigs: bool = True) -> None:
         self.keys = [k if isinstance(k, PublicKey) else PublicKey.parse(k) for k in keys]
+        #: False mirrors Nix's `require-sigs = false` (the CLI's --no-require-sigs): any offer is
+        #: usable; its bytes are still checked against its NarHash.
+        self.require_sigs = require_sigs
 
     def judge(self, info: NarInfo) -> Verdict:
+        verdict = self._judge(info)
+        if not verdict.trusted and not self.require_sigs:
+            return Verdict(True, f"accepted without a trusted signature ({verdict.reason})")
+        return verdict
+
+    def _judge(self, info: NarInfo) -> Verdict:
         key = verify_narinfo(info, self.keys)
         if key is not None:
             return Verdict(True, f"signed by {key.name}")

@@ -163,3 +163,17 @@ def test_fetch_attached_to_a_running_daemon(nix: Nix, nix_keys, tmp_path: Path, 
         # The demand went through the daemon's dataspace: its fetcher located every path.
         narinfos = [p for p in server.paths_requested("GET") if p.endswith(".narinfo")]
         assert len(narinfos) >= len(cache.paths)
+
+
+def test_references_the_store_already_has_need_no_source(nix: Nix, nix_keys, tmp_path: Path) -> None:
+    cache = build_cache(nix, nix_keys, tmp_path / "mirror", "none")
+    store = tmp_path / "chroot"
+    deps = [p for p in cache.paths if p != cache.top]
+    nix.run("nix", "copy", "--no-check-sigs", "--to", str(store), *deps)  # e.g. built locally
+    for dep in deps:
+        cache.narinfo_file(dep).unlink()  # no source has them
+    config = write_config(tmp_path, cache.public_key, [{"type": "local-mirror", "path": str(cache.root)}])
+    result = run_fetch(nix, config, "--store", str(store), cache.top)
+    assert result.returncode == 0, result.stderr
+    assert f"{len(deps)} already present" in result.stderr
+    assert_intact(nix, store, cache.paths)
