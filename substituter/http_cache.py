@@ -224,7 +224,7 @@ async def _send(request: web.Request, response: web.StreamResponse, stream: Asyn
                 await response.prepare(request)
             await response.write(chunk)
             sent += len(chunk)
-    except FetchError as exc:
+    except (FetchError, OSError) as exc:  # OSError: e.g. the cache entry was evicted meanwhile
         return _nar_failed(daemon, nar_hash, hash_part, exc, response, request)
     finally:
         await stream.aclose()  # type: ignore[attr-defined]

@@ -148,14 +148,15 @@ def publish(cache_dir: Path, blocks: str, index_file: Path, block_size: str) -> 
 @click.argument("block_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True,
               help="HOST:PORT to listen on (loopback unless you say otherwise).")
-@click.option("--read-only", is_flag=True, help="Refuse PUT.")
-def serve_command(block_dir: Path, listen: str, read_only: bool) -> None:
+@click.option("--writable", is_flag=True,
+              help="Accept PUT (publishing over HTTP); without it the store is read-only.")
+def serve_command(block_dir: Path, listen: str, writable: bool) -> None:
     """Serve BLOCK_DIR over ERIS-over-HTTP (GET/HEAD/PUT /uri-res/N2R?urn:blake2b:...)."""
     host, port = parse_listen(listen)
     _setup_logging()
     block_dir.mkdir(parents=True, exist_ok=True)
     try:
-        asyncio.run(serve(DirectoryBlockStore(block_dir), host, port, writable=not read_only))
+        asyncio.run(serve(DirectoryBlockStore(block_dir), host, port, writable=writable))
     except KeyboardInterrupt:
         pass
     except OSError as exc:
