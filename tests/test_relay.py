@@ -449,3 +449,28 @@ async def test_sync_with_doubly_embedded_peer_is_answered(server: Server) -> Non
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def test_a_silent_connection_is_closed_after_the_capability_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import substituter.dataspace.relay as relay_module
+
+    monkeypatch.setattr(relay_module, "AUTH_TIMEOUT", 0.3)
+    server = await start_server(tmp_path / "ds.sock")
+    try:
+        with caplog.at_level(logging.WARNING, logger="substituter.dataspace"):
+            reader, writer = await asyncio.open_unix_connection(str(server.socket_path))
+            # Says nothing; the server must hang up on its own (EOF), not wait forever.
+            rest = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+        assert b"no valid capability" in rest
+        assert "no valid capability" in caplog.text
+        # A client that does present its capability in time is unaffected.
+        reader, writer, _oid = await resolve_raw(server)
+        await asyncio.sleep(0.6)
+        assert not reader.at_eof()
+        writer.close()
+    finally:
+        server.run(lambda: turn.stop_actor())
+        await asyncio.sleep(0.05)

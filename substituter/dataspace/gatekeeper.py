@@ -139,6 +139,8 @@ class GatekeeperEntity(actor.Entity):
         self._gatekeeper = gatekeeper
         self._refuse = refuse
         self._replies: dict[int, int] = {}  # resolve handle -> our <accepted> handle
+        #: Whether this connection has presented a valid capability yet.
+        self.granted = False
 
     def on_publish(self, v: Any, handle: int) -> None:
         try:
@@ -155,6 +157,7 @@ class GatekeeperEntity(actor.Entity):
             self._refuse("malformed <resolve>: its observer is not a reference")
             return
         accepted = gatekeeper_schema.Resolved.accepted(target)
+        self.granted = True
         self._replies[handle] = turn.publish(request.observer, accepted)
 
     def on_retract(self, handle: int) -> None:

@@ -45,6 +45,8 @@ DEFAULT_MAX_PACKET_BYTES = 4 * 1024 * 1024
 # A client that stops reading while we keep writing is cut off rather than buffered forever.
 MAX_UNSENT_BYTES = 64 * 1024 * 1024
 READ_CHUNK = 64 * 1024
+#: Seconds a new connection has to present a valid capability before it is closed.
+AUTH_TIMEOUT = 10.0
 
 
 class ServerConnection(relay.TunnelRelay):
@@ -66,8 +68,17 @@ class ServerConnection(relay.TunnelRelay):
         self._writer = writer
         self._max_packet_bytes = max_packet_bytes
         self._closing = False
-        gatekeeper_ref = turn.ref(GatekeeperEntity(gatekeeper, self.refuse))
+        self._gatekeeper_entity = GatekeeperEntity(gatekeeper, self.refuse)
+        gatekeeper_ref = turn.ref(self._gatekeeper_entity)
         super().__init__(peer, publish_service=gatekeeper_ref, on_disconnected=_serve_once)
+        facet = turn.active_facet()
+
+        def demand_capability() -> None:
+            if not self._gatekeeper_entity.granted and not self._closing:
+                turn.run(facet, lambda: self.refuse(f"no valid capability within {AUTH_TIMEOUT:g} s"))
+
+        # A connection that never presents a capability would hold an actor forever.
+        facet.loop.call_later(AUTH_TIMEOUT, demand_capability)
 
     def refuse(self, reason: str) -> None:
         """Tell the client why, close the connection; its assertions are then retracted."""
