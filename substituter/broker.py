@@ -29,6 +29,7 @@ from syndicate.dataspace import during
 
 from .errors import ProtocolError
 from .metrics import Metrics
+from .nix.narinfo import NarInfo
 from .plugin import Fetcher, Offer
 from .protocol import Available, Failed, Intent, Transfer, Want, record_pattern
 from .protocol import Fetcher as FetcherRecord
@@ -36,7 +37,7 @@ from .protocol import Unavailable as UnavailableRecord
 from .ranking import Candidate, Demand, FetcherStats
 from .records import record_to_offer
 from .transfer import Source, TransferEvents
-from .trust import TrustPolicy
+from .trust import TrustPolicy, Verdict
 
 __all__ = ["Broker", "Resolution"]
 
@@ -82,12 +83,12 @@ class Resolution:
     reason: str = ""
 
     @property
-    def info(self) -> Any:
+    def info(self) -> NarInfo | None:
         """The best trusted narinfo, or None when there is none."""
         return self.candidates[0].offer.info if self.candidates else None
 
     @property
-    def verdict(self) -> Any:
+    def verdict(self) -> Verdict | None:
         return self.candidates[0].verdict if self.candidates else None
 
     def for_nar(self, nar_hash: str) -> Resolution:

@@ -7,6 +7,7 @@ the daemon runs with no config file at all.  Fetcher tables keep their core keys
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -174,6 +175,14 @@ class _Table:
             )
 
 
+def _is_loopback_ip(host: str) -> bool:
+    """An IP literal on loopback (names are refused: they could resolve elsewhere)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _strings(values: Any, where: str) -> tuple[str, ...]:
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise ConfigError(f"{where}: expected a list of strings")
@@ -221,7 +230,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         raise ConfigError("dataspace.connect needs dataspace.cap or dataspace.cap-file")
     if dataspace.tcp:
         host, _port = parse_listen(dataspace.tcp, "dataspace.tcp")  # type: ignore[misc]
-        if host not in ("127.0.0.1", "::1", "localhost") and not dataspace.allow_remote:
+        if not _is_loopback_ip(host) and not dataspace.allow_remote:
             raise ConfigError(
                 f"dataspace.tcp: {host} is not loopback; set dataspace.allow-remote = true to expose "
                 "the dataspace beyond this machine"

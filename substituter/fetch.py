@@ -65,6 +65,12 @@ async def open_store(spec: str, store_dir: str, env: dict[str, str] | None = Non
     raise FormatError(f"--store {spec!r}: use daemon, unix://SOCKET or a directory")
 
 
+def resolved_info(res: Resolution) -> NarInfo:
+    """The narinfo of a path the plan holds (the plan keeps only resolved paths)."""
+    assert res.info is not None
+    return res.info
+
+
 def to_path_info(info: NarInfo) -> PathInfo:
     return PathInfo(
         store_path=info.store_path,
@@ -97,8 +103,7 @@ class FetchPlan:
             if hash_part in visiting:
                 raise FormatError(f"reference cycle through {hash_part}")
             visiting.add(hash_part)
-            info = self.resolutions[hash_part].info
-            for ref in info.references:
+            for ref in resolved_info(self.resolutions[hash_part]).references:
                 ref_hash = ref[:32]
                 if ref_hash != hash_part:
                     visit(ref_hash)
@@ -184,7 +189,7 @@ async def fetch_closure(runtime: Any, store: Store, roots: list[str], *, jobs: i
     plan = await resolve_closure(runtime, store, roots, runtime.config.store_dir)
     order = plan.topological()
     progress.paths_total = len(order)
-    progress.bytes_total = sum(r.info.nar_size for r in order)
+    progress.bytes_total = sum(resolved_info(r).nar_size for r in order)
     failures: dict[str, str] = {}
     if plan.missing:
         return plan, failures
@@ -218,15 +223,15 @@ async def fetch_closure(runtime: Any, store: Store, roots: list[str], *, jobs: i
             async for chunk in runtime.nars.stream(res, 0):
                 yield chunk
         except (FetchError, SubstituterError) as exc:
-            failures[res.info.store_path] = str(exc)
+            failures[resolved_info(res).store_path] = str(exc)
             raise
-        progress.path_done(res.info.store_path, "imported")
-        realised(res.info.store_path)
+        progress.path_done(resolved_info(res).store_path, "imported")
+        realised(resolved_info(res).store_path)
 
     try:
         # One operation for the whole closure (one `nix-store --import`, or one daemon
         # AddMultipleToStore): references come first, each path is registered whole or not at all.
-        await store.add_multiple_to_store((to_path_info(r.info), verified(r)) for r in order)
+        await store.add_multiple_to_store((to_path_info(resolved_info(r)), verified(r)) for r in order)
     except (FetchError, StoreError, SubstituterError) as exc:
         if not failures:
             failures["(import)"] = str(exc)

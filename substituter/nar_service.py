@@ -47,7 +47,7 @@ class NarService:
         self.cache = cache
         self.spool_limit = spool_limit
         self._events = events or (lambda res: TransferEvents())
-        self._spooling: dict[str, asyncio.Task[None]] = {}
+        self._spooling: dict[str, asyncio.Task[bytes | None]] = {}
 
     def cached(self, nar_hash: str) -> bool:
         return self.cache is not None and self.cache.get(nar_hash) is not None

@@ -10,7 +10,8 @@ answers in any order.  It is *decided* as soon as the best answer is certain:
 * at the deadline, whatever is best by then.
 
 Ranking among trusted offers: fetcher priority, then the fetcher's measured speed (an EWMA of
-throughput kept by :class:`FetcherStats`), then the offer's own cost estimate.  Untrusted offers are
+throughput kept by :class:`FetcherStats`), then the offer's own cost estimate, then how fast the
+fetcher answered this demand.  Untrusted offers are
 kept only to explain a "not found".
 """
 
@@ -111,7 +112,7 @@ class Demand:
         """Trusted candidates, best first."""
         return sorted(
             self.trusted.values(),
-            key=lambda c: (c.priority, self.stats.penalty(c.fetcher), c.offer.cost, c.fetcher),
+            key=lambda c: (c.priority, self.stats.penalty(c.fetcher), c.offer.cost, c.latency, c.fetcher),
         )
 
     @property

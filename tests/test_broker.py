@@ -11,6 +11,7 @@ from typing import Any
 from syndicate import actor, turn
 
 from substituter.broker import Broker, Resolution
+from substituter.dataspace.barrier import barrier
 from substituter.dataspace.dataspace import Dataspace
 from substituter.fetcher_host import FetcherHost
 from substituter.plugin import FunctionFetcher, Offer, Unavailable
@@ -43,9 +44,12 @@ def run_with_broker(fetchers: list[FunctionFetcher], scenario: Callable[[Broker,
             turn.facet(host.boot)
         root = turn.active_facet()
 
+        synced = asyncio.get_running_loop().create_future()
+        barrier(ds, lambda: synced.set_result(None))  # the broker has seen every <fetcher>
+
         @turn.linked_task()
         async def main(_facet: Any) -> None:
-            await asyncio.sleep(0.05)  # let the <fetcher> assertions reach the broker
+            await synced
             try:
                 await asyncio.wait_for(scenario(broker, root), 20)
             except BaseException as exc:  # reported to the test below

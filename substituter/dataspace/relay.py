@@ -220,12 +220,13 @@ def _show(value: Any) -> str:
 
 
 def _check_loopback(host: str, allow_non_loopback: bool) -> None:
-    if allow_non_loopback or host == "localhost":
+    if allow_non_loopback:
         return
     try:
+        # An IP literal: a name such as "localhost" could resolve elsewhere (/etc/hosts, DNS).
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError as exc:
-        raise ConfigError(f"relay TCP host {host!r} is not an IP address or 'localhost'") from exc
+        raise ConfigError(f"relay TCP host {host!r} is not an IP address (use 127.0.0.1 or ::1)") from exc
     if not loopback:
         raise ConfigError(
             f"relay TCP host {host} is not a loopback address; the dataspace would be reachable "
