@@ -159,6 +159,9 @@ class Fetcher(abc.ABC):
         self.options = options
         self.context = context or FetcherContext()
         self.priority: int = self.default_priority if priority is None else priority
+        #: False when the config left the priority out: ``start`` may then take the source's own
+        #: (e.g. a binary cache's ``Priority`` in nix-cache-info), as Nix does.
+        self.priority_configured = priority is not None
 
     async def start(self) -> None:
         """Acquire resources (connections, file handles).  Called once before any locate."""
