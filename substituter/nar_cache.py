@@ -187,12 +187,12 @@ class NarCache:
 class ZstdFrame:
     """One zstd frame built incrementally (checksummed, content size declared).
 
-    Compression runs in libzstd's own worker thread, so ``compress`` returns quickly and the
-    event loop is not held up; the output is what both the cache file and a client receive.
+    Callers compress in a worker thread (libzstd releases the GIL); single-threaded zstd keeps
+    the buffers small.  The output is what both the cache file and a client receive.
     """
 
     def __init__(self, size: int, level: int = 1) -> None:
-        compressor = zstandard.ZstdCompressor(level=level, threads=1, write_checksum=True,
+        compressor = zstandard.ZstdCompressor(level=level, write_checksum=True,
                                               write_content_size=True)
         self._obj = compressor.compressobj(size=size)
 

@@ -44,13 +44,13 @@ Opener = Callable[[Offer, int], AsyncIterator[bytes]]
 #: and bz2 release the GIL, so the event loop keeps serving and a second core helps.
 THREAD_THRESHOLD = 256 * 1024
 #: Compressed input is decoded at most this much per library call.
-DECODE_PIECE = 128 * 1024
+DECODE_PIECE = 16 * 1024
 #: Input from a source is gathered into pieces this big before it is decoded and hashed.
 COALESCE = 512 * 1024
 #: Decoded output is handed on in pieces of about this size (never one piece per input piece:
 #: text compresses ~20x, so 512 KiB of input is ~10 MiB of NAR, and the pipeline queues hold
 #: several pieces: bounded pieces bound the memory of a transfer).
-OUTPUT_PIECE = 1 << 20
+OUTPUT_PIECE = 512 * 1024
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ async def _coalesced(it: AsyncIterator[bytes], size: int) -> AsyncIterator[bytes
 _END = object()
 
 
-async def prefetched(it: AsyncIterator[bytes], depth: int = 4) -> AsyncIterator[bytes]:
+async def prefetched(it: AsyncIterator[bytes], depth: int = 2) -> AsyncIterator[bytes]:
     """Run ``it`` ahead of its consumer (at most ``depth`` items), so that stages overlap:
     reading the network, decoding and hashing in worker threads, and sending to a client.
 
@@ -221,36 +221,36 @@ async def prefetched(it: AsyncIterator[bytes], depth: int = 4) -> AsyncIterator[
             await aclose()
 
 
-def _decode_all(decoder: Any, data: bytes) -> list[bytes]:
-    """Decode in bounded pieces (one call's output is input x ratio), in one worker-thread step.
-
-    Returns the output as pieces of about OUTPUT_PIECE bytes; small outputs are joined, large
-    ones handed on as they are (no copy).
-    """
-    pieces: list[bytes] = []
-    small: list[bytes] = []
-    small_size = 0
-    for i in range(0, len(data), DECODE_PIECE):
-        out = decoder.decode(data[i:i + DECODE_PIECE])
-        if not out:
-            continue
-        if len(out) >= OUTPUT_PIECE and not small:
-            pieces.append(out)
-            continue
-        small.append(out)
-        small_size += len(out)
-        if small_size >= OUTPUT_PIECE:
-            pieces.append(small[0] if len(small) == 1 else b"".join(small))
-            small, small_size = [], 0
-    if small:
-        pieces.append(small[0] if len(small) == 1 else b"".join(small))
-    return pieces
+def _decode_some(decoder: Any, data: bytes, start: int) -> tuple[bytes, int]:
+    """Decode from ``start`` until about OUTPUT_PIECE bytes came out; returns them and where to
+    go on.  Input goes in DECODE_PIECE steps, so even text that compresses 100:1 cannot make one
+    call hold more than OUTPUT_PIECE plus one step's output."""
+    out: list[bytes] = []
+    size = 0
+    i = start
+    while i < len(data) and size < OUTPUT_PIECE:
+        piece = decoder.decode(data[i:i + DECODE_PIECE])
+        i += DECODE_PIECE
+        if piece:
+            out.append(piece)
+            size += len(piece)
+    return (out[0] if len(out) == 1 else b"".join(out)), i
 
 
-async def _decoded(decoder: Any, data: bytes) -> list[bytes]:
-    if len(data) >= THREAD_THRESHOLD:
-        return await asyncio.to_thread(_decode_all, decoder, data)
-    return _decode_all(decoder, data)
+async def _decoded(decoder: Any, data: bytes) -> AsyncIterator[bytes]:
+    """The decoded output of ``data`` in pieces of about OUTPUT_PIECE, decoded in a worker thread."""
+    i = 0
+    while i < len(data):
+        if len(data) >= THREAD_THRESHOLD:
+            out, i = await asyncio.to_thread(_decode_some, decoder, data, i)
+        else:
+            out, i = _decode_some(decoder, data, i)
+        if out:
+            yield out
+
+
+async def _single(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 async def _nar_chunks(source: Source, offset: int, max_size: int, stall: float) -> AsyncIterator[bytes]:
@@ -263,8 +263,8 @@ async def _nar_chunks(source: Source, offset: int, max_size: int, stall: float) 
     try:
         received = _with_stall_timeout(stream, stall, source.fetcher)
         async for data in prefetched(_coalesced(received, COALESCE)):
-            pieces = [data] if decoder is None else await _decoded(decoder, data)
-            for piece in pieces:
+            pieces = _single(data) if decoder is None else _decoded(decoder, data)
+            async for piece in pieces:
                 if skip:
                     cut = min(skip, len(piece))
                     piece, skip = piece[cut:], skip - cut
