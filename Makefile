@@ -25,6 +25,7 @@ test: venv test-deps lint
 
 lint: venv
 	$(VENV)/bin/ruff check substituter fetchers tests bench plugins
+	$(VENV)/bin/mypy substituter fetchers
 
 bench: venv
 	$(VENV)/bin/python bench/nar_bench.py

@@ -103,8 +103,8 @@ class RetryPolicy:
         """Seconds to wait before retry number ``attempt`` (1-based)."""
         if retry_after is not None:
             # The server said when; believe it, but never let it park us forever.
-            return min(retry_after, self.max_delay)
-        ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+            return float(min(retry_after, self.max_delay))
+        ceiling = min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
         # "Equal jitter": at least half the ceiling, so retries never bunch up at zero.
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 

@@ -93,6 +93,10 @@ class BinaryCacheOptions:
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"option 'url' must be an http:// or https:// URL, got {self.url!r}")
+        if parts.username is not None or parts.password is not None:
+            # The URL becomes the fetcher's name, shown to everyone on the dataspace and logged.
+            raise ValueError("option 'url' must not carry credentials; put them in netrc-file "
+                             "or bearer-token-file")
         for name in ("connect_timeout", "stall_timeout"):
             if not getattr(self, name) > 0:
                 option = name.replace("_", "-")
@@ -258,6 +262,8 @@ class BinaryCacheFetcher(Fetcher):
         info = parse_cache_info(body.decode("utf-8", errors="replace"))
         check_store_dir(info, self.context.store_dir, f"{self.name} ({self.options.url})")
         self.cache_priority = info.priority
+        if info.priority is not None and not self.priority_configured:
+            self.priority = info.priority  # the cache's own Priority, as Nix uses it
         if self._down_reason is not None:
             log.info("%s: cache %s is reachable again", self.name, self.options.url)
         self._down_reason = None

@@ -333,6 +333,15 @@ async def _verified_nar(
             events.failed(source.fetcher, reason, False)
             bad.append(source.fetcher)
             raise TransferFailed(f"{source.fetcher}: {reason}", bad, checker.size) from exc
+        except (asyncio.CancelledError, TransferFailed):
+            raise
+        except Exception as exc:  # any other failure of a source (a plugin's bug, a bad Range)
+            # Only bytes the parser accepted were taken from it: the next source continues.
+            log.warning("%s failed at NAR byte %d: %s: %s; trying the next source",
+                        source.fetcher, checker.size, type(exc).__name__, exc)
+            events.failed(source.fetcher, f"{type(exc).__name__}: {exc}", False)
+            reasons.append(f"{source.fetcher}: {exc}")
+            continue
         if pending is not None:
             yield pending
         return

@@ -522,3 +522,8 @@ async def test_hidden_paths_are_404(
     assert isinstance(answer, Unavailable) and "404" in answer.reason
     server.clear_faults()
     await locate_offer(fetcher, cache.top)
+
+
+def test_credentials_in_the_url_are_refused() -> None:
+    with pytest.raises(ConfigError, match="must not carry credentials"):
+        parse_options(BinaryCacheOptions, {"url": "https://user:secret@127.0.0.1/"}, "fetchers[0]")

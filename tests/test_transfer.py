@@ -122,3 +122,18 @@ async def test_flat_content_address_is_checked(tmp_path: Path) -> None:
     wrong = TransferEvents(content_hash=Hash.of_bytes(b"other"))
     with pytest.raises(TransferFailed, match="content address"):
         await collect(info, [source("a", info, nar)], wrong)
+
+
+async def test_a_source_failing_in_any_other_way_is_replaced(tmp_path: Path) -> None:
+    """A plugin's own bug (any exception) ends that source, not the transfer."""
+    nar = make_nar(tmp_path)
+    info = make_info(nar)
+
+    async def buggy(offer, offset=0):
+        yield nar[offset:offset + 70_000]
+        raise RuntimeError("plugin bug")
+
+    failures = []
+    events = TransferEvents(failed=lambda f, r, t: failures.append((f, t)))
+    result = await collect(info, [Source("buggy", Offer(info, "x://"), buggy), source("ok", info, nar)], events)
+    assert result == nar and failures == [("buggy", False)]
