@@ -31,7 +31,6 @@ import httpx
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from syndicate import actor, turn
 
-from fetchers._http import stream_url
 from fetchers.binary_cache import BinaryCacheFetcher, BinaryCacheOptions
 from fetchers.eris import ReadCapability, decode, encode_to
 from fetchers.eris.blockstore import MAX_BLOCK, BlockStore, DirectoryBlockStore, decode_from, n2r_path
@@ -97,9 +96,11 @@ class HttpxBlockStore:
 
     async def get(self, ref: bytes) -> bytes | None:
         block = bytearray()
-        async for chunk in stream_url(self._client, self.url + n2r_path(ref), 0, self.timeout):
-            block += chunk
-            assert len(block) <= MAX_BLOCK
+        async with self._client.stream("GET", self.url + n2r_path(ref)) as response:
+            response.raise_for_status()
+            async for chunk in response.aiter_raw():
+                block += chunk
+                assert len(block) <= MAX_BLOCK
         return bytes(block)
 
     async def put(self, ref: bytes, block: bytes) -> None:

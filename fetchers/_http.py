@@ -1,10 +1,9 @@
 """HTTP plumbing shared by the HTTP-speaking fetchers: retry policy, auth, streaming a URL.
 
-The binary-cache fetcher speaks HTTP through an :class:`aiohttp.ClientSession` (its per-request cost
-is a fraction of httpx's: see bench/README.md).  :func:`stream_url` also still accepts an
-``httpx.AsyncClient`` for callers that keep one.  Everything either client raises is translated here
-into the project's exception tree, including errors in the middle of a body, so callers only ever
-see :mod:`substituter.errors`.
+The HTTP-speaking fetchers use an :class:`aiohttp.ClientSession` (its per-request cost is a
+fraction of httpx's: see bench/README.md).  Everything it raises is translated here into the
+project's exception tree, including errors in the middle of a body, so callers only ever see
+:mod:`substituter.errors`.
 """
 
 from __future__ import annotations
@@ -19,15 +18,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
 
 from substituter.errors import FetchError, NotAvailable, TransientFetchError
-
-if TYPE_CHECKING:
-    import httpx
 
 __all__ = [
     "RetryPolicy",
@@ -36,7 +32,6 @@ __all__ = [
     "is_transient_status",
     "is_missing_status",
     "retry_after_seconds",
-    "translate_http_error",
     "translate_client_error",
     "new_session",
     "stream_url",
@@ -189,16 +184,6 @@ def translate_client_error(exc: BaseException, url: str) -> FetchError:
     return FetchError(f"{url}: {type(exc).__name__}: {detail}")
 
 
-def translate_http_error(exc: httpx.HTTPError, url: str) -> FetchError:
-    """Map an httpx exception to the project's tree (for callers that keep an httpx client)."""
-    import httpx
-
-    detail = str(exc) or type(exc).__name__
-    if isinstance(exc, (httpx.TransportError, httpx.TimeoutException)):
-        return TransientFetchError(f"{url}: {type(exc).__name__}: {detail}")
-    return FetchError(f"{url}: {detail}")
-
-
 def _status_error(url: str, status: int, reason: str | None) -> FetchError:
     message = f"{url}: HTTP {status} {reason or ''}".rstrip()
     if is_missing_status(status):
@@ -244,17 +229,15 @@ def _request_headers(offset: int) -> dict[str, str]:
 
 
 def stream_url(
-    client: aiohttp.ClientSession | httpx.AsyncClient, url: str, offset: int, stall_timeout: float
+    client: aiohttp.ClientSession, url: str, offset: int, stall_timeout: float
 ) -> AsyncIterator[bytes]:
     """Yield the raw bytes (never content-decoded) of ``url`` from ``offset`` on.
 
     Raises :class:`NotAvailable` for a missing file, :class:`TransientFetchError` for failures worth
     retrying (5xx, resets, stalls: also in the middle of the body) and :class:`FetchError`
-    otherwise.  ``client`` is an aiohttp session (see :func:`new_session`) or an httpx client.
+    otherwise.  ``client`` is an aiohttp session (see :func:`new_session`).
     """
-    if isinstance(client, aiohttp.ClientSession):
-        return _stream_aiohttp(client, url, offset, stall_timeout)
-    return _stream_httpx(client, url, offset, stall_timeout)
+    return _stream_aiohttp(client, url, offset, stall_timeout)
 
 
 async def _stream_aiohttp(
@@ -301,47 +284,3 @@ async def _stream_aiohttp(
             response.release()  # the connection goes back to the pool
         else:
             response.close()  # a body left unread: this connection cannot be reused
-
-
-async def _stream_httpx(
-    client: httpx.AsyncClient, url: str, offset: int, stall_timeout: float
-) -> AsyncIterator[bytes]:
-    import httpx
-
-    try:
-        async with asyncio.timeout(stall_timeout):
-            request = client.build_request("GET", url, headers=_request_headers(offset))
-            response = await client.send(request, stream=True)
-    except TimeoutError as exc:
-        raise TransientFetchError(f"{url}: no response in {stall_timeout:g}s") from exc
-    except httpx.HTTPError as exc:
-        raise translate_http_error(exc, url) from exc
-    try:
-        _check_status(url, response.status_code, response.reason_phrase, offset)
-        skip = (
-            _check_range(url, response.status_code, response.headers, offset) if offset > 0 else 0
-        )
-        chunks = response.aiter_raw()
-        while True:
-            try:
-                async with asyncio.timeout(stall_timeout):
-                    chunk = await anext(chunks)
-            except StopAsyncIteration:
-                break
-            except TimeoutError as exc:
-                raise TransientFetchError(
-                    f"{url}: stalled, no byte for {stall_timeout:g}s"
-                ) from exc
-            except httpx.HTTPError as exc:
-                raise translate_http_error(exc, url) from exc
-            if skip:
-                dropped = min(skip, len(chunk))
-                skip -= dropped
-                chunk = chunk[dropped:]
-                if not chunk:
-                    continue
-            yield chunk
-        if skip:
-            raise FetchError(f"{url}: file ends before offset {offset}")
-    finally:
-        await response.aclose()

@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 
 from substituter.errors import FetchError, FormatError, NotAvailable
 from substituter.nix.compression import normalize
 from substituter.nix.narinfo import NarInfo
 
-from .._http import stream_url
+from .._http import new_session, stream_url
 from .codec import ReadCapability
 
 __all__ = [
@@ -209,11 +209,10 @@ class NarinfoIndex:
         text = str(base)
         self.url: str | None = None
         self.root: Path | None = None
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None  # made on first use, in the loop
         self.timeout = timeout
         if urlsplit(text).scheme in ("http", "https"):
             self.url = text.rstrip("/") + "/"
-            self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout))
         else:
             self.root = Path(text).expanduser().absolute()
 
@@ -238,10 +237,11 @@ class NarinfoIndex:
             return None
 
     async def _read_url(self, url: str) -> bytes | None:
-        assert self._client is not None
+        if self._session is None:
+            self._session = new_session(connect_timeout=min(3.0, self.timeout), stall_timeout=self.timeout)
         body = bytearray()
         try:
-            async for chunk in stream_url(self._client, url, 0, self.timeout):
+            async for chunk in stream_url(self._session, url, 0, self.timeout):
                 body += chunk
                 if len(body) > MAX_NARINFO:
                     raise FetchError(f"{url}: more than {MAX_NARINFO} bytes, not a narinfo")
@@ -250,8 +250,9 @@ class NarinfoIndex:
         return bytes(body)
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 def open_index(spec: str | Path, *, timeout: float = 30.0) -> ErisIndex:
