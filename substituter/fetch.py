@@ -34,6 +34,9 @@ __all__ = ["FetchPlan", "Progress", "fetch_closure", "open_store", "parse_target
 
 log = logging.getLogger("substituter.fetch")
 
+#: NARs up to this size go from the verified transfer straight into the import, in memory.
+IN_MEMORY_NAR = 1024 * 1024
+
 
 def parse_targets(args: Iterable[str], store_dir: str) -> list[str]:
     """Hash parts from ``/nix/store/…`` paths (sub-paths allowed), base names or bare hash parts."""
@@ -158,13 +161,17 @@ async def resolve_closure(runtime: Any, store: Store, roots: list[str], store_di
     plan = FetchPlan()
     seen: set[str] = set(roots)
     frontier = list(roots)
+    checked: dict[str, str] = {}  # hash part -> the path whose validity the store was asked
     while frontier:
         results = await asyncio.gather(*(runtime.broker.resolve(h, "fetch") for h in frontier))
         found = {r.hash_part: r for r in results if r.info is not None}
         for r in results:
             if r.info is None:
                 plan.missing[r.hash_part] = r.reason
-        valid = await store.query_valid_paths(r.info.store_path for r in found.values())
+        # Paths reached as references were checked below already (as ``store_dir/ref``); only
+        # the roots, and a path whose narinfo names it differently, need asking here.
+        unchecked = [r.info.store_path for h, r in found.items() if checked.get(h) != r.info.store_path]
+        valid = await store.query_valid_paths(unchecked) if unchecked else set()
         wanted_refs: dict[str, str] = {}  # hash part -> full path, references not yet seen
         for hash_part, res in found.items():
             if res.info.store_path in valid:
@@ -177,6 +184,7 @@ async def resolve_closure(runtime: Any, store: Store, roots: list[str], store_di
                     wanted_refs[ref[:32]] = f"{store_dir}/{ref}"
         # References the store already has (e.g. built locally) need no source at all.
         present = await store.query_valid_paths(wanted_refs.values()) if wanted_refs else set()
+        checked = wanted_refs
         plan.present.update((h, path) for h, path in wanted_refs.items() if path in present)
         frontier = [h for h, path in wanted_refs.items() if path not in present]
     return plan
@@ -208,20 +216,40 @@ async def fetch_closure(runtime: Any, store: Store, roots: list[str], *, jobs: i
 
     store_label = getattr(store, "socket_path", None) or getattr(store, "root", "store")
 
-    async def download(res: Resolution) -> None:
+    async def download(res: Resolution) -> bytes | None:
+        """Small NARs: the verified bytes, kept in memory (no cache file written and read back);
+        the download slot stays taken until the import took them, so at most ``jobs`` wait.
+        Larger NARs (or ones already cached): spooled into the verified cache, read back below."""
+        info = resolved_info(res)
+        if info.nar_size <= IN_MEMORY_NAR and not runtime.nars.cached(info.nar_hash.nix32()):
+            await limit.acquire()  # released in verified() (or here on failure)
+            try:
+                data: bytes = await runtime.nars.verified_bytes(res)
+            except BaseException:
+                limit.release()
+                raise
+            progress.add_bytes(len(data))
+            return data
         async with limit:
-            # Spooling into the verified cache: the import below reads it locally.
             async for chunk in runtime.nars.stream(res, 0):
                 progress.add_bytes(len(chunk))
+        return None
 
+    # Started in import order: slots are taken in that order, so the path the import needs next
+    # always holds one or already has its bytes (no wait on memory held by later paths).
     downloads = {r.hash_part: asyncio.ensure_future(download(r)) for r in order}
 
     async def verified(res: Resolution) -> AsyncIterator[bytes]:
-        """The path's NAR from the verified cache, once its download finished."""
+        """The path's verified NAR, once its download finished: from memory or the cache."""
         try:
-            await downloads[res.hash_part]
-            async for chunk in runtime.nars.stream(res, 0):
-                yield chunk
+            data = await downloads[res.hash_part]
+            if data is not None:
+                del downloads[res.hash_part]  # drop the finished task's reference to the bytes
+                limit.release()
+                yield data
+            else:
+                async for chunk in runtime.nars.stream(res, 0):
+                    yield chunk
         except (FetchError, SubstituterError) as exc:
             failures[resolved_info(res).store_path] = str(exc)
             raise
@@ -254,7 +282,7 @@ def run_fetch(config: Any, targets: list[str], store_spec: str, *, jobs: int = 8
     from .trust import TrustPolicy
 
     trust = TrustPolicy(config.trusted_public_keys, require_sigs=require_sigs)
-    runtime = Runtime(config, trust=trust, spool_limit=2**63, durable_cache=False)
+    runtime = Runtime(config, trust=trust, spool_limit=2**63, durable_cache=False, remote_openers=False)
     loop = asyncio.new_event_loop()
     result = {"code": 1}
 

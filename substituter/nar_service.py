@@ -107,6 +107,34 @@ class NarService:
         async for chunk in self._stream_through(res, offset):
             yield chunk
 
+    async def verified_bytes(self, res: Resolution) -> bytes:
+        """The whole NAR in memory, verified against the signed NarHash/NarSize; not cached.
+
+        For small NARs that go straight into a store (``substituter fetch``): no cache file is
+        written and read back.  As when spooling, a source that sent wrong bytes is dropped and
+        the NAR starts over with the remaining sources; nothing is returned unless it verified.
+        """
+        assert res.info is not None
+        bad: set[str] = set()
+        for _attempt in range(MAX_RESTARTS + 1):
+            sources = self._sources(res, bad)
+            if not sources:
+                break
+            try:
+                chunks = [chunk async for chunk in verified_nar(res.info, sources, self._events(res))]
+            except TransferFailed as exc:
+                if not exc.bad:
+                    raise
+                bad.update(exc.bad)
+                log.warning("%s: starting over without %s", res.info.store_path, ", ".join(exc.bad))
+                continue
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        raise TransferFailed(
+            f"no source could deliver {res.info.store_path}: "
+            + (f"wrong bytes from {', '.join(sorted(bad))}" if bad else "no trusted source left"),
+            sorted(bad),
+        )
+
     async def _spool_once(self, res: Resolution, nar_hash: str) -> bytes | None:
         """One spool per NAR at a time; concurrent requests wait for the same one.
 

@@ -8,9 +8,11 @@ offer from an out-of-process fetcher becomes a clear error, never a half-built o
 
 from __future__ import annotations
 
-from .errors import FormatError, ProtocolError
+from typing import Any
+
+from .errors import FormatError, NarInfoError, ProtocolError
 from .nix.hashes import Hash
-from .nix.narinfo import NarInfo
+from .nix.narinfo import _FIELD_OF_KEY, _PARSERS, NarInfo, _frozen, _Layout, _parse_sig
 from .plugin import Offer
 from .protocol import Available
 from .protocol import NarInfo as NarInfoRecord
@@ -31,26 +33,46 @@ def narinfo_to_record(info: NarInfo) -> NarInfoRecord:
 
 
 def record_to_narinfo(record: NarInfoRecord) -> NarInfo:
-    """A NarInfo from a record; validated by writing and re-parsing it as Nix text."""
-    lines = [
-        f"StorePath: {record.storePath}",
-        "URL: -",
-        "Compression: none",
-        f"NarHash: {record.narHash}",
-        f"NarSize: {record.narSize}",
-        f"References: {' '.join(record.references)}",
+    """A NarInfo from a record, with exactly the checks of parsing it as Nix text.
+
+    Each value goes through the narinfo parser's own value checks (store paths, hashes, sizes,
+    references, deriver, signatures, CA) and must pass as a ``Key: value`` line would: no newline,
+    no leading whitespace.  Built directly rather than by writing and re-parsing text (this runs
+    for every offer).
+    """
+    deriver = record.deriver
+    fields: list[tuple[str, str]] = [
+        ("StorePath", record.storePath),
+        ("URL", "-"),
+        ("Compression", "none"),
+        ("NarHash", record.narHash),
+        ("NarSize", str(record.narSize)),
+        ("References", " ".join(record.references)),
     ]
-    if record.deriver:
-        lines.append(f"Deriver: {record.deriver}")
-    lines += [f"Sig: {sig}" for sig in record.sigs]
+    if deriver:
+        fields.append(("Deriver", deriver))
+    lines = [*fields, *(("Sig", sig) for sig in record.sigs)]  # the order of the text it replaces
     if record.ca:
-        lines.append(f"CA: {record.ca}")
-    if any("\n" in line for line in lines):
+        lines.append(("CA", record.ca))
+    texts = [value for _, value in lines]
+    if any("\n" in text for text in texts):
         raise ProtocolError("narinfo record has a field containing a newline")
     try:
-        return NarInfo.parse("\n".join(lines) + "\n")
+        values: dict[str, Any] = {}
+        raw: dict[str, tuple[str, Any]] = {}
+        sigs: list[str] = []
+        for number, (key, value) in enumerate(lines, start=1):
+            if value[:1].isspace():  # what `Key: value` line splitting refuses
+                raise NarInfoError(f"key {key!r} must be followed by exactly one space", line=number)
+            if key == "Sig":
+                sigs.append(_parse_sig(value, number))
+                continue
+            parsed = _PARSERS[key](value, number)
+            raw[key] = (value, _frozen(parsed))
+            values[_FIELD_OF_KEY[key]] = parsed
     except FormatError as exc:
         raise ProtocolError(f"narinfo record for {record.storePath!r} is invalid: {exc}") from exc
+    return NarInfo(**values, sigs=sigs, extra=[], layout=_Layout(tuple(key for key, _ in lines), raw))
 
 
 def offer_to_record(hash_part: str, fetcher: str, offer: Offer) -> Available:

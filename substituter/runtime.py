@@ -56,7 +56,7 @@ def build_fetchers(config: Config, link: DataspaceLink | None = None) -> list[tu
 class Runtime:
     def __init__(self, config: Config, *, trust: TrustPolicy | None = None,
                  spool_limit: int | None = None, metrics: Metrics | None = None,
-                 durable_cache: bool = True) -> None:
+                 durable_cache: bool = True, remote_openers: bool = True) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
         self.trust = trust or TrustPolicy(config.trusted_public_keys)
@@ -68,7 +68,10 @@ class Runtime:
             if config.nar_cache.enable else None
         )
         self.spool_limit = config.nar_cache.verify_first if spool_limit is None else spool_limit
-        self.openers = self._standalone_openers()
+        # Offers from out-of-process fetchers need them.  A one-off `fetch` on its own embedded
+        # dataspace (exposed nowhere) gets offers only from its own fetchers, so it passes
+        # remote_openers=False and is spared importing every installed plugin.
+        self.openers = self._standalone_openers() if remote_openers or self.remote else {}
         self.ds: Any = None
         self.broker: Broker = None  # type: ignore[assignment]  # set by boot()
         self.nars: NarService = None  # type: ignore[assignment]
