@@ -45,8 +45,9 @@ from ._http import (
     stream_url,
     translate_client_error,
 )
+from .cache_info import check_store_dir, parse_cache_info
 
-__all__ = ["BinaryCacheFetcher", "BinaryCacheOptions", "CacheInfo", "parse_cache_info"]
+__all__ = ["BinaryCacheFetcher", "BinaryCacheOptions", "HttpOpener"]
 
 log = logging.getLogger("fetchers.binary_cache")
 
@@ -107,43 +108,6 @@ class BinaryCacheOptions:
             raise ValueError(
                 f"option 'max-connections' must be 1 or more, got {self.max_connections}"
             )
-
-
-@dataclass(frozen=True)
-class CacheInfo:
-    """The fields of ``nix-cache-info`` that matter to a substituter."""
-
-    store_dir: str | None
-    priority: int | None = None
-    want_mass_query: bool = False
-
-
-def parse_cache_info(text: str) -> CacheInfo:
-    """Parse ``nix-cache-info`` (``Key: value`` lines); unknown keys are ignored, as Nix does."""
-    values: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            values[key.strip()] = value.strip()
-    priority: int | None = None
-    if "Priority" in values:
-        try:
-            priority = int(values["Priority"])
-        except ValueError:
-            log.warning("nix-cache-info: ignoring non-integer Priority %r", values["Priority"])
-    return CacheInfo(
-        store_dir=values.get("StoreDir"),
-        priority=priority,
-        want_mass_query=values.get("WantMassQuery") == "1",
-    )
-
-
-def check_store_dir(info: CacheInfo, expected: str, where: str) -> None:
-    """A cache for another store dir holds paths we cannot use: that is a configuration error."""
-    if info.store_dir is not None and info.store_dir.rstrip("/") != expected.rstrip("/"):
-        raise ConfigError(
-            f"{where} is a cache for store dir {info.store_dir!r}, but this store is {expected!r}"
-        )
 
 
 def default_netrc() -> Path | None:

@@ -25,7 +25,7 @@ from substituter.nix.narinfo import NarInfo
 from substituter.nix.store_path import validate_hash_part
 from substituter.plugin import Answer, Fetcher, FetcherContext, Offer, Unavailable
 
-from .binary_cache import check_store_dir, parse_cache_info
+from .cache_info import check_store_dir, parse_cache_info
 
 __all__ = ["LocalMirrorFetcher", "LocalMirrorOptions", "file_uri_path"]
 
