@@ -186,6 +186,26 @@ class NarService:
         )
 
     async def _stream_through(self, res: Resolution, offset: int) -> AsyncIterator[bytes]:
+        """Stream while verifying; a source sending wrong bytes before anything was handed out is
+        dropped and the NAR starts over from the others (after that, the stream must fail)."""
+        assert res.info is not None
+        bad: set[str] = set()
+        for _attempt in range(MAX_RESTARTS + 1):
+            yielded = False
+            try:
+                async for chunk in self._stream_once(res, offset, bad):
+                    yielded = True
+                    yield chunk
+                return
+            except TransferFailed as exc:
+                if yielded or not exc.bad:
+                    raise
+                bad.update(exc.bad)
+                log.warning("%s: starting over without %s", res.info.store_path, ", ".join(exc.bad))
+        raise TransferFailed(f"no source could deliver {res.info.store_path}: wrong bytes from "
+                             f"{', '.join(sorted(bad))}", sorted(bad))
+
+    async def _stream_once(self, res: Resolution, offset: int, bad: set[str]) -> AsyncIterator[bytes]:
         assert res.info is not None
         writer = (
             self.cache.writer(res.info.nar_hash.nix32(), res.info.nar_size)
@@ -195,7 +215,7 @@ class NarService:
         position = 0
         compressing: asyncio.Future[bytes] | None = None
         try:
-            verified = verified_nar(res.info, self._sources(res, set()), self._events(res))
+            verified = verified_nar(res.info, self._sources(res, bad), self._events(res))
             async for chunk in prefetched(verified):
                 if writer is not None:
                     # Compression for the cache runs in a thread (it releases the GIL) while the

@@ -219,3 +219,20 @@ def test_streaming_from_a_corrupt_source_never_completes_unverified(
         assert result.returncode != 0
         assert not (store / "nix" / "store" / Path(cache.top).name).exists()
         assert "hash mismatch" in daemon.log()
+
+
+def test_streaming_replaces_a_corrupt_source_caught_before_any_byte_went_out(
+        nix: Nix, nix_keys, tmp_path: Path, serve_cache) -> None:
+    cache = build_cache(nix, nix_keys, tmp_path / "cache", "none")
+    evil = serve_cache(cache.root)
+    evil.corrupt(200)  # inside the NAR's header: the strict parser stops it at once
+    good = serve_cache(cache.root)
+    config = {"trusted-public-keys": [cache.public_key],
+              "fetchers": [binary_cache(evil.url, "evil", 10), binary_cache(good.url, "good", 50)],
+              "nar-cache": {"verify-first": 0}}  # the streaming path
+    with DaemonProcess(tmp_path, config, nix.env) as daemon:
+        store = tmp_path / "client-store"
+        result = copy_from(nix, daemon.url, store, cache.public_key, cache.top)
+        assert result.returncode == 0, result.stderr.decode() + daemon.log()
+        assert_intact(nix, store, cache.paths)
+        assert "starting over without evil" in daemon.log()
