@@ -22,8 +22,9 @@ into Syndicate publish / retract / send).
 from __future__ import annotations
 
 import struct
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Protocol
 
 from preserves import Annotated, Embedded, ImmutableDict, Record, Symbol, preserve
@@ -114,6 +115,9 @@ def _bits_double(bits: int) -> float:
     return float(struct.unpack(">d", struct.pack(">Q", bits))[0])
 
 
+_PLAIN_ATOMS = frozenset({str, int, bytes})  # frozen as themselves
+
+
 def freeze(value: Any) -> Frozen:
     """Return the hashable twin of a Preserves value (annotations dropped).
 
@@ -125,7 +129,12 @@ def freeze(value: Any) -> Frozen:
     if kind is Symbol:
         return (_SYMBOL, value.name)
     if kind is Record:
-        return (_RECORD, freeze(value.key), *map(freeze, value.fields))
+        key = value.key
+        return (
+            _RECORD,
+            (_SYMBOL, key.name) if type(key) is Symbol else freeze(key),
+            *[item if type(item) in _PLAIN_ATOMS else freeze(item) for item in value.fields],
+        )
     if kind is tuple or kind is list:
         return (_SEQUENCE, *map(freeze, value))
     if kind is bool:
@@ -235,6 +244,42 @@ def _project_all(value: Frozen, paths: tuple[Path, ...]) -> tuple[Frozen, ...] |
             return None
         projected.append(sub)
     return tuple(projected)
+
+
+Projector = Callable[[Frozen], "tuple[Frozen, ...] | None"]
+
+
+def _compile_projection(const_paths: tuple[Path, ...], exist_paths: tuple[Path, ...] = ()) -> Projector:
+    """A function giving what ``_project_all(value, const_paths)`` gives when every one of
+    ``exist_paths`` exists too, else None, for values of the trie node the paths belong to.
+
+    The usual case (every path one field/item deep) becomes one length check and one
+    ``itemgetter``; anything else goes through ``_project``.
+    """
+    simple = [_one_index(path) for path in const_paths + exist_paths]
+    if simple and None not in simple:
+        # The node's shape guarantees the value is a record/sequence tuple; only its length
+        # (arity) is still unchecked.
+        need = max(index for index in simple if index is not None)
+        indices = simple[: len(const_paths)]
+        if not indices:
+            empty: tuple[Frozen, ...] = ()
+            return lambda value: empty if len(value) > need else None  # type: ignore[arg-type]
+        if len(indices) == 1:
+            (index,) = indices
+            return lambda value: (value[index],) if len(value) > need else None  # type: ignore[arg-type, index]
+        getter = itemgetter(*indices)
+        return lambda value: getter(value) if len(value) > need else None  # type: ignore[arg-type]
+    if not exist_paths:
+        return lambda value: _project_all(value, const_paths)
+    return lambda value: _constants_at(value, (const_paths, exist_paths))
+
+
+def _one_index(path: Path) -> int | None:
+    """The offset when ``path`` is one record field / sequence item deep, else None."""
+    if len(path) == 1 and isinstance(path[0], int):
+        return path[0]
+    return None
 
 
 def _guard_of(value: Frozen) -> Guard | None:
@@ -374,6 +419,7 @@ class _Endpoints:
     """Observers sharing one capture-path list at one leaf, and the captures they see."""
 
     capture_counts: dict[Captures, int]
+    captures_of: Projector
     subscriptions: dict[Frozen, _Subscription] = field(default_factory=dict)
 
 
@@ -390,6 +436,7 @@ class _LeafTable:
     """For one set of constant positions: leaves by constant values."""
 
     leaves: dict[tuple[Frozen, ...], _Leaf]
+    constants_of: Projector
     observer_count: int = 0
 
 
@@ -443,22 +490,25 @@ class Index:
 
     def insert(self, value: Frozen) -> bool:
         """Add one copy of ``value``; True when it is new (the only case with effects)."""
-        count = self._counts.get(value, 0)
-        self._counts[value] = count + 1
+        counts = self._counts
+        count = counts.get(value, 0)
+        counts[value] = count + 1
         if count:
             return False
         for node in self._nodes_reached(value):
             node.cached.add(value)
-            for positions, table in node.tables.items():
-                constants = _constants_at(value, positions)
+            for table in node.tables.values():
+                constants = table.constants_of(value)
                 if constants is None:
                     continue
                 leaf = table.leaves.get(constants)
                 if leaf is None:
                     leaf = table.leaves[constants] = _Leaf()
                 leaf.cached.add(value)
-                for capture_paths, endpoints in leaf.endpoints.items():
-                    self._add_captures(endpoints, _project_all(value, capture_paths))
+                for endpoints in leaf.endpoints.values():
+                    captures = endpoints.captures_of(value)
+                    if captures is not None:
+                        self._add_captures(endpoints, captures)
         return True
 
     def remove(self, value: Frozen) -> bool:
@@ -466,23 +516,26 @@ class Index:
 
         Raises ``KeyError`` when ``value`` is not present.
         """
-        count = self._counts[value]
+        counts = self._counts
+        count = counts[value]
         if count > 1:
-            self._counts[value] = count - 1
+            counts[value] = count - 1
             return False
-        del self._counts[value]
+        del counts[value]
         for node in self._nodes_reached(value):
             node.cached.discard(value)
-            for positions, table in node.tables.items():
-                constants = _constants_at(value, positions)
+            for table in node.tables.values():
+                constants = table.constants_of(value)
                 if constants is None:
                     continue
                 leaf = table.leaves.get(constants)
                 if leaf is None:
                     continue
                 leaf.cached.discard(value)
-                for capture_paths, endpoints in leaf.endpoints.items():
-                    self._remove_captures(endpoints, _project_all(value, capture_paths))
+                for endpoints in leaf.endpoints.values():
+                    captures = endpoints.captures_of(value)
+                    if captures is not None:
+                        self._remove_captures(endpoints, captures)
                 if not leaf.cached and not leaf.endpoints:
                     del table.leaves[constants]
         return True
@@ -490,15 +543,15 @@ class Index:
     def send(self, value: Frozen) -> None:
         """Deliver a message to every observer whose pattern matches (no deduplication)."""
         for node in self._nodes_reached(value):
-            for positions, table in node.tables.items():
-                constants = _constants_at(value, positions)
+            for table in node.tables.values():
+                constants = table.constants_of(value)
                 if constants is None:
                     continue
                 leaf = table.leaves.get(constants)
                 if leaf is None:
                     continue
-                for capture_paths, endpoints in leaf.endpoints.items():
-                    captures = _project_all(value, capture_paths)
+                for endpoints in leaf.endpoints.values():
+                    captures = endpoints.captures_of(value)
                     if captures is None:
                         continue
                     thawed = tuple(map(thaw, captures))
@@ -510,33 +563,38 @@ class Index:
         whose shape and constants it meets. (Observers of other shapes are never looked at.)"""
         examined = 0
         for node in self._nodes_reached(value):
-            for positions, table in node.tables.items():
-                constants = _constants_at(value, positions)
+            for table in node.tables.values():
+                constants = table.constants_of(value)
                 leaf = None if constants is None else table.leaves.get(constants)
                 if leaf is not None:
                     examined += sum(len(e.subscriptions) for e in leaf.endpoints.values())
         return examined
 
-    def _nodes_reached(self, value: Frozen) -> Iterator[_Node]:
+    def _nodes_reached(self, value: Frozen) -> list[_Node]:
         """The trie nodes whose shape ``value`` has (depth first, root first)."""
+        reached = []
         pending = [self._root]
         while pending:
             node = pending.pop()
-            yield node
+            reached.append(node)
+            if not node.edges:
+                continue
             for path, by_guard in node.edges.items():
-                sub = _project(value, path)
-                if sub is None:
+                sub = _project(value, path) if path else value
+                if sub is None or type(sub) is not tuple:
                     continue
-                guard = _guard_of(sub)
-                if guard is None:
+                tag = sub[0]
+                if tag is _RECORD:
+                    child = by_guard.get((_RECORD, sub[1]))
+                elif tag is _SEQUENCE or tag is _DICTIONARY:
+                    child = by_guard.get(tag)
+                else:
                     continue
-                child = by_guard.get(guard)
                 if child is not None:
                     pending.append(child)
+        return reached
 
-    def _add_captures(self, endpoints: _Endpoints, captures: Captures | None) -> None:
-        if captures is None:
-            return
+    def _add_captures(self, endpoints: _Endpoints, captures: Captures) -> None:
         count = endpoints.capture_counts.get(captures, 0)
         endpoints.capture_counts[captures] = count + 1
         if count == 0 and endpoints.subscriptions:
@@ -546,9 +604,7 @@ class Index:
                     subscription.observer, thawed
                 )
 
-    def _remove_captures(self, endpoints: _Endpoints, captures: Captures | None) -> None:
-        if captures is None:
-            return
+    def _remove_captures(self, endpoints: _Endpoints, captures: Captures) -> None:
         count = endpoints.capture_counts[captures]
         if count > 1:
             endpoints.capture_counts[captures] = count - 1
@@ -570,7 +626,8 @@ class Index:
         table = node.tables.get(analysis.positions)
         if table is None:
             table = node.tables[analysis.positions] = _LeafTable(
-                self._leaves_from(node.cached, analysis.positions)
+                self._leaves_from(node.cached, analysis.positions),
+                _compile_projection(*analysis.positions),
             )
         table.observer_count += 1
         leaf = table.leaves.get(analysis.const_values)
@@ -579,7 +636,8 @@ class Index:
         endpoints = leaf.endpoints.get(analysis.capture_paths)
         if endpoints is None:
             endpoints = leaf.endpoints[analysis.capture_paths] = _Endpoints(
-                _count_captures(leaf.cached, analysis.capture_paths)
+                _count_captures(leaf.cached, analysis.capture_paths),
+                _compile_projection(analysis.capture_paths),
             )
         subscription = endpoints.subscriptions[key] = _Subscription(observer)
         for captures in endpoints.capture_counts:
