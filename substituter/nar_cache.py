@@ -18,12 +18,13 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import zstandard
 
 from .errors import SizeMismatch
 
-__all__ = ["CacheWriter", "CachedNar", "NarCache", "ZstdFrame"]
+__all__ = ["CacheWriter", "CachedNar", "NarCache", "RawCacheWriter", "ZstdFrame"]
 
 log = logging.getLogger("substituter.nar_cache")
 
@@ -42,6 +43,11 @@ class CachedNar:
     nar_size: int
     file_size: int
     path: Path
+
+
+def _check_nar_hash(nar_hash: str) -> None:
+    if not _NAR_HASH.fullmatch(nar_hash):
+        raise ValueError(f"not a nix32 sha256 NarHash: {nar_hash!r}")
 
 
 class NarCache:
@@ -118,7 +124,7 @@ class NarCache:
         # Opening the fd now keeps the data readable even if the entry is evicted meanwhile.
         f = open(entry.path, "rb")  # noqa: ASYNC230 - one open of a local file; reads go to a thread
         try:
-            reader = zstandard.ZstdDecompressor().stream_reader(f, read_size=READ_CHUNK)
+            reader = zstandard.ZstdDecompressor().stream_reader(f, read_size=READ_CHUNK, read_across_frames=True)
             skip = offset
             while skip > 0:
                 got = await asyncio.to_thread(reader.read, min(skip, 4 * READ_CHUNK))
@@ -147,15 +153,31 @@ class NarCache:
     @staticmethod
     def _read_entry(entry: CachedNar) -> bytes:
         with open(entry.path, "rb") as f:
-            data = zstandard.ZstdDecompressor().decompressobj().decompress(f.read())
+            # Entries kept from a source may hold several frames.
+            data = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True).decompress(f.read())
         if len(data) != entry.nar_size:
             raise SizeMismatch(f"cached NAR {entry.nar_hash} has {len(data)} bytes, NarSize is {entry.nar_size}")
         return data
 
     def writer(self, nar_hash: str, nar_size: int) -> CacheWriter:
-        if not _NAR_HASH.fullmatch(nar_hash):
-            raise ValueError(f"not a nix32 sha256 NarHash: {nar_hash!r}")
+        """An entry written as raw NAR bytes, compressed on the way."""
+        _check_nar_hash(nar_hash)
         return CacheWriter(self, nar_hash, nar_size)
+
+    def raw_writer(self, nar_hash: str, nar_size: int) -> RawCacheWriter:
+        """An entry written as a source's zstd file, unchanged (see :class:`RawCacheWriter`)."""
+        _check_nar_hash(nar_hash)
+        return RawCacheWriter(self, nar_hash, nar_size)
+
+    def put_raw(self, nar_hash: str, nar_size: int, data: bytes) -> None:
+        """Cache a verified NAR's zstd file held in memory, in the calling thread."""
+        writer = self.raw_writer(nar_hash, nar_size)
+        try:
+            writer.write(data)
+            writer.commit_sync()
+        except BaseException:
+            writer.abort()
+            raise
 
     def _final_path(self, nar_hash: str, nar_size: int) -> Path:
         return self.directory / f"{nar_hash}-{nar_size}.nar.zst"
@@ -203,37 +225,19 @@ class ZstdFrame:
         return self._obj.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
 
 
-class CacheWriter:
-    """Raw NAR bytes in, zstd to a temp file; visible only after :meth:`commit`.
-
-    ``write`` and ``commit`` return the compressed bytes they produced, so a caller can send the
-    very file it is caching while it is being written (the frame's end only after commit).
-    """
+class _EntryWriter:
+    """A cache entry being written to a temp file; visible only after :meth:`commit`."""
 
     def __init__(self, cache: NarCache, nar_hash: str, nar_size: int) -> None:
         self.cache = cache
         self.nar_hash = nar_hash
         self.nar_size = nar_size
-        self.written = 0
         self._tmp = cache.directory / f".tmp-{nar_hash}-{os.getpid()}-{id(self):x}"
         self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit/abort
-        self._frame = ZstdFrame(nar_size, cache.level)
         self._done = False
 
-    def write(self, data: bytes) -> bytes:
-        if self._done:
-            raise ValueError("write after commit or abort")
-        self.written += len(data)
-        if self.written > self.nar_size:
-            self.abort()
-            raise SizeMismatch(f"more than NarSize {self.nar_size} bytes written to the cache")
-        out = self._frame.compress(data)
-        if out:
-            self._file.write(out)
-        return out
-
     async def commit(self) -> bytes:
-        """Check the size, finish the frame, make the entry visible; returns the frame's end."""
+        """Finish the entry and make it visible; returns the bytes written last (the frame's end)."""
         if self._done:
             return b""
         return await asyncio.to_thread(self.commit_sync)
@@ -242,12 +246,10 @@ class CacheWriter:
         """:meth:`commit` in the calling thread (finishing, fsync and rename: run it in a worker)."""
         if self._done:
             return b""
-        if self.written != self.nar_size:
-            self.abort()
-            raise SizeMismatch(f"cache got {self.written} bytes, NarSize is {self.nar_size}")
+        self._check_complete()
         self._done = True
         try:
-            tail = self._frame.finish()
+            tail = self._tail()
             self._finish(tail)
         except BaseException:
             self._tmp.unlink(missing_ok=True)
@@ -265,6 +267,12 @@ class CacheWriter:
         self.cache._add(CachedNar(self.nar_hash, self.nar_size, file_size, final))
         return tail
 
+    def _check_complete(self) -> None:
+        pass
+
+    def _tail(self) -> bytes:
+        return b""
+
     def _finish(self, tail: bytes) -> None:
         self._file.write(tail)
         self._file.flush()
@@ -281,9 +289,86 @@ class CacheWriter:
         finally:
             self._tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> CacheWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         if exc_type is not None:
             self.abort()
+
+
+class CacheWriter(_EntryWriter):
+    """Raw NAR bytes in, zstd to a temp file; visible only after :meth:`commit`.
+
+    ``write`` and ``commit`` return the compressed bytes they produced, so a caller can send the
+    very file it is caching while it is being written (the frame's end only after commit).
+    """
+
+    def __init__(self, cache: NarCache, nar_hash: str, nar_size: int) -> None:
+        super().__init__(cache, nar_hash, nar_size)
+        self.written = 0
+        self._frame = ZstdFrame(nar_size, cache.level)
+
+    def write(self, data: bytes) -> bytes:
+        if self._done:
+            raise ValueError("write after commit or abort")
+        self.written += len(data)
+        if self.written > self.nar_size:
+            self.abort()
+            raise SizeMismatch(f"more than NarSize {self.nar_size} bytes written to the cache")
+        out = self._frame.compress(data)
+        if out:
+            self._file.write(out)
+        return out
+
+    def _check_complete(self) -> None:
+        if self.written != self.nar_size:
+            self.abort()
+            raise SizeMismatch(f"cache got {self.written} bytes, NarSize is {self.nar_size}")
+
+    def _tail(self) -> bytes:
+        return self._frame.finish()
+
+
+class RawCacheWriter(_EntryWriter):
+    """A source's own zstd file, kept as the entry exactly as it arrived (nothing recompressed).
+
+    The caller commits it only after every byte written here was decoded and the NAR verified
+    against its signed NarHash and NarSize; a partial file can still be turned into an ordinary
+    entry with :meth:`recompressed`.
+    """
+
+    def __init__(self, cache: NarCache, nar_hash: str, nar_size: int) -> None:
+        super().__init__(cache, nar_hash, nar_size)
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        if self._done:
+            raise ValueError("write after commit or abort")
+        self._file.write(data)
+        self.written += len(data)
+
+    def recompressed(self, prefix: int) -> CacheWriter:
+        """A compressing writer holding the first ``prefix`` NAR bytes this file decodes to
+        (in the calling thread); this writer is aborted.  For a transfer that went on from
+        another source, after this one sent part of its file."""
+        if self._done:
+            raise ValueError("recompressed after commit or abort")
+        self._file.flush()
+        writer = CacheWriter(self.cache, self.nar_hash, self.nar_size)
+        try:
+            with open(self._tmp, "rb") as f:
+                reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+                left = prefix
+                while left:
+                    data = reader.read(min(left, READ_CHUNK))
+                    if not data:
+                        raise SizeMismatch(f"partial cache file decodes to {prefix - left} bytes, not {prefix}")
+                    writer.write(data)
+                    left -= len(data)
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            self.abort()
+        return writer

@@ -14,8 +14,8 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
-from .nar_cache import CachedNar, CacheWriter, NarCache, ZstdFrame
-from .transfer import Source, TransferEvents, TransferFailed, prefetched, verified_nar
+from .nar_cache import CachedNar, CacheWriter, NarCache, RawCacheWriter, ZstdFrame
+from .transfer import THREAD_THRESHOLD, Source, TransferEvents, TransferFailed, prefetched, verified_nar
 
 if TYPE_CHECKING:
     from .broker import Resolution
@@ -155,29 +155,35 @@ class NarService:
             sources = self._sources(res, bad)
             if not sources:
                 break
-            writer = None if in_memory else self.cache.writer(nar_hash, res.info.nar_size)
+            if in_memory:
+                tee: _MemoryTee | _CacheFill = _MemoryTee()
+            else:
+                tee = _CacheFill(self.cache, nar_hash, res.info.nar_size)
             try:
-                if writer is None:
-                    # Small NAR: collect the verified bytes, then compress, write, fsync and
-                    # rename in one worker call.
-                    chunks = [chunk async for chunk in verified_nar(res.info, sources, self._events(res))]
-                    data = b"".join(chunks)
-                    await asyncio.to_thread(self.cache.put, nar_hash, res.info.nar_size, data)
+                verified = verified_nar(res.info, sources, self._events(res), tee)
+                if isinstance(tee, _MemoryTee):
+                    # Small NAR: collect the verified bytes, then write (compressing only if the
+                    # source's own file is not zstd), fsync and rename in one worker call.
+                    data = b"".join([chunk async for chunk in verified])
+                    if tee.complete:
+                        await asyncio.to_thread(self.cache.put_raw, nar_hash, res.info.nar_size, tee.data())
+                    else:
+                        await asyncio.to_thread(self.cache.put, nar_hash, res.info.nar_size, data)
                     return data
-                async for chunk in verified_nar(res.info, sources, self._events(res)):
-                    await asyncio.to_thread(writer.write, chunk)
-                await writer.commit()
+                async for chunk in verified:
+                    await tee.add(chunk)
+                await tee.commit()
                 return None
             except TransferFailed as exc:
-                if writer is not None:
-                    writer.abort()
+                if isinstance(tee, _CacheFill):
+                    tee.abort()
                 if not exc.bad:
                     raise
                 bad.update(exc.bad)
                 log.warning("%s: starting over without %s", res.info.store_path, ", ".join(exc.bad))
             except BaseException:
-                if writer is not None:
-                    writer.abort()
+                if isinstance(tee, _CacheFill):
+                    tee.abort()
                 raise
         raise TransferFailed(
             f"no source could deliver {res.info.store_path}: "
@@ -207,33 +213,132 @@ class NarService:
 
     async def _stream_once(self, res: Resolution, offset: int, bad: set[str]) -> AsyncIterator[bytes]:
         assert res.info is not None
-        writer = (
-            self.cache.writer(res.info.nar_hash.nix32(), res.info.nar_size)
+        fill = (
+            _CacheFill(self.cache, res.info.nar_hash.nix32(), res.info.nar_size)
             if self.cache is not None
             else None
         )
         position = 0
-        compressing: asyncio.Future[bytes] | None = None
+        filling: asyncio.Future[None] | None = None
         try:
-            verified = verified_nar(res.info, self._sources(res, bad), self._events(res))
+            verified = verified_nar(res.info, self._sources(res, bad), self._events(res), fill)
             async for chunk in prefetched(verified):
-                if writer is not None:
-                    # Compression for the cache runs in a thread (it releases the GIL) while the
-                    # chunk is sent; chunks still reach the writer one after another, in order.
-                    if compressing is not None:
-                        await compressing
-                    compressing = asyncio.ensure_future(asyncio.to_thread(writer.write, chunk))
+                if fill is not None:
+                    # Filling the cache (compressing, when the source's own file is not zstd)
+                    # runs while the chunk is sent; chunks still reach it one after another.
+                    if filling is not None:
+                        await filling
+                    filling = asyncio.ensure_future(fill.add(chunk))
                 end = position + len(chunk)
                 if end > offset:
                     yield chunk[max(0, offset - position):]
                 position = end
-            if writer is not None:
-                if compressing is not None:
-                    await compressing
-                await writer.commit()
+            if fill is not None:
+                if filling is not None:
+                    await filling
+                await fill.commit()
         except BaseException:
-            if compressing is not None:
-                await asyncio.gather(compressing, return_exceptions=True)
+            if filling is not None:
+                await asyncio.gather(filling, return_exceptions=True)
+            if fill is not None:
+                fill.abort()
+            raise
+
+
+class _MemoryTee:
+    """A small NAR's source bytes kept in memory while it is verified (see :class:`_CacheFill`)."""
+
+    def __init__(self) -> None:
+        self._pieces: list[bytes] | None = None
+        self._retired = False
+
+    @property
+    def complete(self) -> bool:
+        return self._pieces is not None and not self._retired
+
+    def data(self) -> bytes:
+        assert self._pieces is not None
+        return b"".join(self._pieces)
+
+    def start(self, compression: str) -> bool:
+        if compression != "zstd" or self._retired:
+            return False
+        self._pieces = []
+        return True
+
+    def write(self, data: bytes) -> None:
+        assert self._pieces is not None
+        self._pieces.append(data)
+
+    def abandon(self) -> None:
+        if self._pieces:
+            self._retired = True  # the NAR goes on from another source: compress it instead
+        self._pieces = None
+
+
+class _CacheFill:
+    """Fills one cache entry during a transfer (a :class:`~substituter.transfer.RawSink`).
+
+    When the source sends zstd, its own file becomes the entry: every byte of it is decoded and
+    verified on the way, so nothing needs compressing again.  Otherwise, or once a zstd source
+    failed part-way and another went on, the verified NAR is compressed (starting with what the
+    partial file decodes to).  Transfer side: ``start``/``write``/``abandon``; consumer side:
+    ``add`` each verified chunk in order, then ``commit`` or ``abort``.
+    """
+
+    def __init__(self, cache: NarCache, nar_hash: str, nar_size: int) -> None:
+        self.cache = cache
+        self.nar_hash = nar_hash
+        self.nar_size = nar_size
+        self._raw: RawCacheWriter | None = None
+        self._retired = False  # a raw file was begun and its source failed
+        self._compress: CacheWriter | None = None
+        self._position = 0  # verified bytes added so far
+
+    def start(self, compression: str) -> bool:
+        if compression != "zstd" or self._retired or self._compress is not None:
+            return False
+        self._raw = self.cache.raw_writer(self.nar_hash, self.nar_size)
+        return True
+
+    def write(self, data: bytes) -> None:
+        assert self._raw is not None
+        self._raw.write(data)
+
+    def abandon(self) -> None:
+        if self._raw is None:
+            return
+        if self._raw.written:
+            self._retired = True  # kept until add() turns it into a compressed prefix
+        else:
+            self._raw.abort()
+            self._raw = None
+
+    async def add(self, chunk: bytes) -> None:
+        if self._raw is not None and not self._retired:
+            self._position += len(chunk)  # already in the raw file
+            return
+        if self._compress is None:
+            self._compress = await asyncio.to_thread(self._compressing)
+        if len(chunk) >= THREAD_THRESHOLD:
+            await asyncio.to_thread(self._compress.write, chunk)
+        else:
+            self._compress.write(chunk)
+        self._position += len(chunk)
+
+    def _compressing(self) -> CacheWriter:
+        if self._raw is None:
+            return self.cache.writer(self.nar_hash, self.nar_size)
+        raw, self._raw = self._raw, None
+        return raw.recompressed(self._position)
+
+    async def commit(self) -> None:
+        if self._compress is not None:
+            await self._compress.commit()
+        elif self._raw is not None and not self._retired:
+            await self._raw.commit()
+
+    def abort(self) -> None:
+        for writer in (self._compress, self._raw):
             if writer is not None:
                 writer.abort()
-            raise

@@ -15,7 +15,7 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import (
     CompressionError,
@@ -33,8 +33,7 @@ from .nix.nar import NarParser
 from .nix.narinfo import NarInfo
 from .plugin import Offer
 
-__all__ = [
-    "prefetched","Source", "TransferEvents", "verified_nar", "TransferFailed"]
+__all__ = ["RawSink", "Source", "TransferEvents", "TransferFailed", "prefetched", "verified_nar"]
 
 log = logging.getLogger("substituter.transfer")
 
@@ -60,6 +59,27 @@ class Source:
     fetcher: str
     offer: Offer
     open: Opener
+
+
+class RawSink(Protocol):
+    """Takes a source's bytes exactly as they arrive, before decoding (e.g. to keep a zstd
+    source's own file as the cache entry instead of compressing the NAR again).
+
+    The bytes are unverified until the whole transfer verified: whoever passes a sink decides
+    what to do with them after that.
+    """
+
+    def start(self, compression: str) -> bool:
+        """A source starts at NAR byte 0 sending ``compression``: True to receive its bytes."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """Bytes of that source, in order; all of them are also decoded and verified."""
+        ...
+
+    def abandon(self) -> None:
+        """That source failed; the next one (if any) goes on from where it stopped."""
+        ...
 
 
 class TransferFailed(FetchError):
@@ -253,8 +273,12 @@ async def _single(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-async def _nar_chunks(source: Source, offset: int, max_size: int, stall: float) -> AsyncIterator[bytes]:
-    """The source's NAR bytes from ``offset``: ranged when raw, decompressed and skipped otherwise."""
+async def _nar_chunks(
+    source: Source, offset: int, max_size: int, stall: float, raw_sink: RawSink | None = None
+) -> AsyncIterator[bytes]:
+    """The source's NAR bytes from ``offset``: ranged when raw, decompressed and skipped otherwise.
+
+    ``raw_sink`` gets each piece as received, before it is decoded."""
     compression = normalize(source.offer.compression)
     raw = compression == "none"
     stream = source.open(source.offer, offset if raw else 0)
@@ -263,6 +287,8 @@ async def _nar_chunks(source: Source, offset: int, max_size: int, stall: float) 
     try:
         received = _with_stall_timeout(stream, stall, source.fetcher)
         async for data in prefetched(_coalesced(received, COALESCE)):
+            if raw_sink is not None:
+                await _maybe_thread(raw_sink.write, data)
             pieces = _single(data) if decoder is None else _decoded(decoder, data)
             async for piece in pieces:
                 if skip:
@@ -283,24 +309,28 @@ async def _nar_chunks(source: Source, offset: int, max_size: int, stall: float) 
 
 
 async def verified_nar(
-    info: NarInfo, sources: list[Source], events: TransferEvents | None = None
+    info: NarInfo,
+    sources: list[Source],
+    events: TransferEvents | None = None,
+    raw_sink: RawSink | None = None,
 ) -> AsyncIterator[bytes]:
     """Yield the NAR of ``info`` from ``sources`` (best first), verified as described above.
 
     Raises :class:`TransferFailed` when no source can finish; bytes yielded before that are a
     correct prefix only as far as the parser could tell, so the consumer must abort (never
-    present a short or unverified stream as complete).
+    present a short or unverified stream as complete).  ``raw_sink`` is offered the bytes of a
+    source that starts at NAR byte 0 (see :class:`RawSink`).
     """
     events = events or TransferEvents()
     try:
-        async for chunk in _verified_nar(info, sources, events):
+        async for chunk in _verified_nar(info, sources, events, raw_sink):
             yield chunk
     finally:
         events.done()
 
 
 async def _verified_nar(
-    info: NarInfo, sources: list[Source], events: TransferEvents
+    info: NarInfo, sources: list[Source], events: TransferEvents, raw_sink: RawSink | None
 ) -> AsyncIterator[bytes]:
     checker = _Checker(info, events.content_hash)
     pending: bytes | None = None
@@ -308,8 +338,12 @@ async def _verified_nar(
     reasons: list[str] = []
     for source in sources:
         start = checker.size
+        teeing = False
+        finished = False
         try:
-            async for chunk in _nar_chunks(source, start, info.nar_size, events.stall_timeout):
+            teeing = raw_sink is not None and start == 0 and raw_sink.start(normalize(source.offer.compression))
+            chunks = _nar_chunks(source, start, info.nar_size, events.stall_timeout, raw_sink if teeing else None)
+            async for chunk in chunks:
                 await _maybe_thread(checker.feed, chunk)
                 if pending is not None:
                     yield pending
@@ -320,6 +354,7 @@ async def _verified_nar(
                     f"{source.fetcher}: stream ended at byte {checker.size} of {info.nar_size}"
                 )
             checker.finish()
+            finished = True
         except (TransientFetchError, NotAvailable, OSError) as exc:
             transient = not isinstance(exc, NotAvailable)
             log.warning("%s: %s at NAR byte %d; trying the next source", source.fetcher, exc, checker.size)
@@ -342,6 +377,9 @@ async def _verified_nar(
             events.failed(source.fetcher, f"{type(exc).__name__}: {exc}", False)
             reasons.append(f"{source.fetcher}: {exc}")
             continue
+        finally:
+            if teeing and not finished:
+                raw_sink.abandon()  # type: ignore[union-attr]
         if pending is not None:
             yield pending
         return

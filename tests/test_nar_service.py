@@ -1,0 +1,132 @@
+"""NarService filling the verified NAR cache: a zstd source's own file is kept as the entry
+(nothing compressed again); other sources, or a zstd source that failed part-way, are compressed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import zstandard
+
+from substituter.nar_cache import NarCache
+from substituter.nar_service import MEMORY_SPOOL, NarService
+from substituter.plugin import Offer
+from substituter.transfer import Source, TransferFailed
+
+from .helpers import compress, make_info, make_nar, serve_bytes
+
+
+def two_frames(data: bytes) -> bytes:
+    """A zstd file of two frames, as parallel compressors write them."""
+    half = len(data) // 2
+    return compress(data[:half], "zstd") + compress(data[half:], "zstd")
+
+
+def service(tmp_path: Path, sources: list[tuple[str, bytes, str, int | None]], *,
+            spool_limit: int = 32 << 20) -> tuple[NarService, NarCache]:
+    cache = NarCache(tmp_path / "cache", 1 << 30)
+
+    def make_sources(res: object, bad: set[str]) -> list[Source]:
+        info = res.info  # type: ignore[attr-defined]
+        return [
+            Source(name, Offer(info, f"test://{name}", compression), serve_bytes(data, fail_after=fail_after))
+            for name, data, compression, fail_after in sources
+            if name not in bad
+        ]
+
+    return NarService(make_sources, cache, spool_limit=spool_limit), cache
+
+
+async def fetch(nars: NarService, info) -> bytes:
+    res = SimpleNamespace(info=info)
+    return b"".join([chunk async for chunk in nars.stream(res)])  # type: ignore[arg-type]
+
+
+def entry_bytes(cache: NarCache, info) -> bytes:
+    entry = cache.get(info.nar_hash.nix32())
+    assert entry is not None, "the verified NAR was not cached"
+    return entry.path.read_bytes()
+
+
+def no_temp_files(cache: NarCache) -> bool:
+    return not any(p.name.startswith(".tmp-") for p in cache.directory.iterdir())
+
+
+# Sizes: in memory (<= 1 MiB), spooled to a file (<= spool limit), streamed through (spool limit 0).
+MODES = [(300_000, 32 << 20), (3 * MEMORY_SPOOL, 32 << 20), (3 * MEMORY_SPOOL, 0)]
+
+
+@pytest.mark.parametrize(("size", "spool_limit"), MODES)
+async def test_a_zstd_source_file_is_kept_byte_for_byte(tmp_path: Path, size: int, spool_limit: int) -> None:
+    nar = make_nar(tmp_path, size)
+    info = make_info(nar)
+    upstream = two_frames(nar)
+    nars, cache = service(tmp_path, [("z", upstream, "zstd", None)], spool_limit=spool_limit)
+    assert await fetch(nars, info) == nar
+    assert entry_bytes(cache, info) == upstream
+    assert b"".join([c async for c in cache.open(info.nar_hash.nix32())]) == nar
+    assert b"".join([c async for c in cache.open(info.nar_hash.nix32(), 12345)]) == nar[12345:]
+    assert no_temp_files(cache)
+
+
+@pytest.mark.parametrize(("size", "spool_limit"), MODES)
+async def test_other_compressions_are_compressed_for_the_cache(tmp_path: Path, size: int, spool_limit: int) -> None:
+    nar = make_nar(tmp_path, size)
+    info = make_info(nar)
+    nars, cache = service(tmp_path, [("x", compress(nar, "xz"), "xz", None)], spool_limit=spool_limit)
+    assert await fetch(nars, info) == nar
+    assert zstandard.ZstdDecompressor().decompress(entry_bytes(cache, info)) == nar
+
+
+@pytest.mark.parametrize(("size", "spool_limit"), MODES)
+@pytest.mark.parametrize("second", ["none", "zstd"])
+async def test_a_zstd_source_failing_part_way_still_leaves_a_correct_entry(
+    tmp_path: Path, size: int, spool_limit: int, second: str
+) -> None:
+    nar = make_nar(tmp_path, size)
+    info = make_info(nar)
+    upstream = compress(nar, "zstd")
+    other = nar if second == "none" else two_frames(nar)
+    nars, cache = service(
+        tmp_path,
+        [("broken", upstream, "zstd", len(upstream) * 2 // 3), ("good", other, second, None)],
+        spool_limit=spool_limit,
+    )
+    assert await fetch(nars, info) == nar
+    kept = entry_bytes(cache, info)
+    assert kept != upstream[: len(kept)] or len(kept) != len(upstream)  # not the broken file itself
+    assert zstandard.ZstdDecompressor().decompressobj(read_across_frames=True).decompress(kept) == nar
+    assert no_temp_files(cache)
+
+
+async def test_a_zstd_source_failing_before_any_byte_lets_the_next_one_be_kept(tmp_path: Path) -> None:
+    nar = make_nar(tmp_path, 3 * MEMORY_SPOOL)
+    info = make_info(nar)
+    upstream = two_frames(nar)
+    nars, cache = service(tmp_path, [("dead", upstream, "zstd", 0), ("z", upstream, "zstd", None)])
+    assert await fetch(nars, info) == nar
+    assert entry_bytes(cache, info) == upstream
+
+
+@pytest.mark.parametrize(("size", "spool_limit"), MODES)
+async def test_a_corrupt_zstd_file_is_never_cached(tmp_path: Path, size: int, spool_limit: int) -> None:
+    nar = make_nar(tmp_path, size)
+    info = make_info(nar)
+    evil = bytearray(compress(nar, "zstd"))
+    evil[len(evil) // 2] ^= 0xFF
+    nars, cache = service(tmp_path, [("evil", bytes(evil), "zstd", None)], spool_limit=spool_limit)
+    with pytest.raises(TransferFailed):
+        await fetch(nars, info)
+    assert cache.get(info.nar_hash.nix32()) is None
+    assert no_temp_files(cache)
+
+
+async def test_trailing_garbage_after_the_frames_is_refused(tmp_path: Path) -> None:
+    nar = make_nar(tmp_path, 3 * MEMORY_SPOOL)
+    info = make_info(nar)
+    nars, cache = service(tmp_path, [("junk", compress(nar, "zstd") + os.urandom(64), "zstd", None)])
+    with pytest.raises(TransferFailed):
+        await fetch(nars, info)
+    assert cache.get(info.nar_hash.nix32()) is None and no_temp_files(cache)
