@@ -161,12 +161,6 @@ class _Checker:
                 )
 
 
-async def _maybe_thread(fn: Callable[[bytes], bytes | None], data: bytes) -> bytes | None:
-    if len(data) >= THREAD_THRESHOLD:
-        return await asyncio.to_thread(fn, data)
-    return fn(data)
-
-
 async def _with_stall_timeout(
     it: AsyncIterator[bytes], timeout: float, fetcher: str
 ) -> AsyncIterator[bytes]:
@@ -257,51 +251,67 @@ def _decode_some(decoder: Any, data: bytes, start: int) -> tuple[bytes, int]:
     return (out[0] if len(out) == 1 else b"".join(out)), i
 
 
-async def _decoded(decoder: Any, data: bytes) -> AsyncIterator[bytes]:
-    """The decoded output of ``data`` in pieces of about OUTPUT_PIECE, decoded in a worker thread."""
-    i = 0
-    while i < len(data):
-        if len(data) >= THREAD_THRESHOLD:
-            out, i = await asyncio.to_thread(_decode_some, decoder, data, i)
+class _SourceBytes:
+    """One source's bytes made into checked NAR bytes: kept raw (``raw_sink``), decoded, skipped
+    up to the NAR offset it continues from, fed to the checker.
+
+    :meth:`step` does all of it for one piece of input in one call, so a big piece costs one
+    worker-thread round trip (each round trip wakes the event loop and contends for the GIL).
+    """
+
+    def __init__(self, decoder: Any, skip: int, checker: _Checker, raw_sink: RawSink | None) -> None:
+        self.decoder = decoder
+        self.skip = skip
+        self.checker = checker
+        self.raw_sink = raw_sink
+
+    def step(self, data: bytes, start: int) -> tuple[bytes, int]:
+        """Checked NAR bytes from ``data[start:]`` (about OUTPUT_PIECE), and where to go on."""
+        if start == 0 and self.raw_sink is not None:
+            self.raw_sink.write(data)
+        if self.decoder is None:
+            out, end = data, len(data)
         else:
-            out, i = _decode_some(decoder, data, i)
+            out, end = _decode_some(self.decoder, data, start)
+        return self._checked(out), end
+
+    def tail(self) -> bytes:
+        return self._checked(self.decoder.flush()) if self.decoder is not None else b""
+
+    def _checked(self, out: bytes) -> bytes:
+        if self.skip and out:
+            cut = min(self.skip, len(out))
+            out, self.skip = out[cut:], self.skip - cut
         if out:
-            yield out
+            self.checker.feed(out)
+        return out
 
 
-async def _single(data: bytes) -> AsyncIterator[bytes]:
-    yield data
-
-
-async def _nar_chunks(
-    source: Source, offset: int, max_size: int, stall: float, raw_sink: RawSink | None = None
+async def _checked_chunks(
+    source: Source, checker: _Checker, stall: float, raw_sink: RawSink | None = None
 ) -> AsyncIterator[bytes]:
-    """The source's NAR bytes from ``offset``: ranged when raw, decompressed and skipped otherwise.
-
-    ``raw_sink`` gets each piece as received, before it is decoded."""
+    """The source's NAR bytes from where ``checker`` is, each piece fed to it before it is
+    yielded: ranged when the source is uncompressed, decompressed and skipped otherwise."""
     compression = normalize(source.offer.compression)
     raw = compression == "none"
+    offset = checker.size
     stream = source.open(source.offer, offset if raw else 0)
-    decoder = None if raw else decompressor(compression, max_output=max_size)
-    skip = 0 if raw else offset
+    decoder = None if raw else decompressor(compression, max_output=checker.expected_size)
+    pipeline = _SourceBytes(decoder, 0 if raw else offset, checker, raw_sink)
     try:
         received = _with_stall_timeout(stream, stall, source.fetcher)
         async for data in prefetched(_coalesced(received, COALESCE)):
-            if raw_sink is not None:
-                await _maybe_thread(raw_sink.write, data)
-            pieces = _single(data) if decoder is None else _decoded(decoder, data)
-            async for piece in pieces:
-                if skip:
-                    cut = min(skip, len(piece))
-                    piece, skip = piece[cut:], skip - cut
-                if piece:
-                    yield piece
-        if decoder is not None:
-            tail = decoder.flush()
-            if skip:
-                tail, skip = tail[skip:], max(0, skip - len(tail))
-            if tail:
-                yield tail
+            i = 0
+            while i < len(data):
+                if len(data) >= THREAD_THRESHOLD:
+                    out, i = await asyncio.to_thread(pipeline.step, data, i)
+                else:
+                    out, i = pipeline.step(data, i)
+                if out:
+                    yield out
+        tail = pipeline.tail()
+        if tail:
+            yield tail
     finally:
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
@@ -342,9 +352,7 @@ async def _verified_nar(
         finished = False
         try:
             teeing = raw_sink is not None and start == 0 and raw_sink.start(normalize(source.offer.compression))
-            chunks = _nar_chunks(source, start, info.nar_size, events.stall_timeout, raw_sink if teeing else None)
-            async for chunk in chunks:
-                await _maybe_thread(checker.feed, chunk)
+            async for chunk in _checked_chunks(source, checker, events.stall_timeout, raw_sink if teeing else None):
                 if pending is not None:
                     yield pending
                 pending = chunk
