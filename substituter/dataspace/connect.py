@@ -25,8 +25,9 @@ from preserves import Embedded, Record, Symbol
 from syndicate import actor, relay, turn
 from syndicate.during import During
 from syndicate.schema import gatekeeper as gatekeeper_schema
-from syndicate.schema import protocol, transportAddress
+from syndicate.schema import transportAddress
 
+from substituter.dataspace import wire
 from substituter.errors import ConfigError
 
 __all__ = ["DataspaceHandler", "connect", "parse_address", "parse_capability"]
@@ -79,20 +80,58 @@ def parse_capability(cap: str) -> Any:
 
 
 class _ClientRelay:
-    """Mixin for syndicate-py's client relays: remembers why the server turned us away, and
-    sends syncs that syndicate-server accepts."""
+    """Mixin for syndicate-py's client relays: remembers why the server turned us away, sends
+    syncs that syndicate-server accepts, and reads and writes packets with ``wire`` rather than
+    the generic codec and protocol schema (same values, same bytes)."""
 
     refusal: str | None = None
     address: Any
+    decoder: Any
+    facet: Any
+    pending_turn: list[Any]
+
+    def data_received(self, chunk: bytes) -> None:
+        decoder = self.decoder
+        decoder.extend(chunk)
+        while True:
+            value = wire.next_value(decoder, wire.decode_wire_ref)
+            if value is None:
+                return
+            self._on_event(value)  # type: ignore[attr-defined]
+
+    def _handle_event(self, value: Any) -> None:
+        events = wire.parse_turn(value)
+        if events is None:  # errors, extensions, anything unusual: as syndicate-py does
+            super()._handle_event(value)  # type: ignore[misc]
+            return
+        # As syndicate-py's _handle_turn_events, without building schema objects.
+        for oid, kind, first, second in events:
+            pins: list[Any] = []
+            ref = self._lookup_exported_oid(oid, pins)  # type: ignore[attr-defined]
+            if kind == "A":
+                self._handle_publish(pins, ref, first, second)  # type: ignore[attr-defined]
+            elif kind == "R":
+                self._handle_retract(pins, ref, first)  # type: ignore[attr-defined]
+            elif kind == "M":
+                self._handle_message(pins, ref, first)  # type: ignore[attr-defined]
+            else:
+                self._handle_sync(pins, ref, first)  # type: ignore[attr-defined]
 
     def _send(self, remote_oid: int, turn_event: Any) -> None:
-        # syndicate-py 0.19.3 embeds a Sync's peer twice (<S #:#:[0 n]>), which
-        # syndicate-server rejects ("Embedded values not supported here"): embed it once.
+        # As syndicate-py's, but the pending turn holds plain values, written at flush time in
+        # one transport write; a Sync's peer is embedded once (see wire.sync_value).
+        pending = self.pending_turn
+        if not pending:
+            self.facet.loop.call_soon(actor.Turn.run, self.facet, self._flush_pending)
         if turn_event.VARIANT.name == "Sync":
-            peer = turn_event.value.peer
-            if isinstance(peer, Embedded):
-                turn_event = protocol.Event.Sync(protocol.Sync(peer.embeddedValue))
-        super()._send(remote_oid, turn_event)  # type: ignore[misc]
+            pending.append((remote_oid, wire.sync_value(turn_event.value.peer)))
+        else:
+            pending.append((remote_oid, wire.event_value(turn_event)))
+
+    def _flush_pending(self) -> None:
+        pending = self.pending_turn
+        self.pending_turn = []
+        self._send_bytes(wire.turn_packet(pending))  # type: ignore[attr-defined]
 
     def _on_error(self, message: str, detail: Any) -> None:
         self.refusal = message
