@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from .nar_cache import CachedNar, CacheWriter, NarCache, RawCacheWriter, ZstdFrame
@@ -48,6 +49,13 @@ class NarService:
         self.spool_limit = spool_limit
         self._events = events or (lambda res: TransferEvents())
         self._spooling: dict[str, asyncio.Task[bytes | None]] = {}
+        #: Cache writes of small NARs already handed out from memory (finished in a worker).
+        self._writing: dict[str, asyncio.Future[None]] = {}
+
+    async def writes_done(self) -> None:
+        """Wait for the cache writes still running behind handed-out NARs."""
+        while self._writing:
+            await asyncio.gather(*map(asyncio.shield, list(self._writing.values())), return_exceptions=True)
 
     def cached(self, nar_hash: str) -> bool:
         return self.cache is not None and self.cache.get(nar_hash) is not None
@@ -60,6 +68,9 @@ class NarService:
         nar_hash = res.info.nar_hash.nix32()
         if self.cache.get(nar_hash) is None and res.info.nar_size <= self.spool_limit:
             await self._spool_once(res, nar_hash)
+        writing = self._writing.get(nar_hash)
+        if writing is not None:
+            await asyncio.gather(asyncio.shield(writing), return_exceptions=True)
         return self.cache.get(nar_hash)
 
     async def stream_zstd(self, res: Resolution) -> AsyncIterator[bytes]:
@@ -144,8 +155,30 @@ class NarService:
         if task is None:
             task = asyncio.ensure_future(self._spool(res, nar_hash))
             self._spooling[nar_hash] = task
-            task.add_done_callback(lambda _t: self._spooling.pop(nar_hash, None))
+            task.add_done_callback(lambda _t: self._release(nar_hash))
         return await asyncio.shield(task)
+
+    def _release(self, nar_hash: str) -> None:
+        """Forget a finished spool, once its cache write (if still going) is done: until then
+        the spool's result is what later requests get."""
+        writing = self._writing.get(nar_hash)
+        if writing is None:
+            self._spooling.pop(nar_hash, None)
+        else:
+            writing.add_done_callback(lambda _w: self._spooling.pop(nar_hash, None))
+
+    def _write_behind(self, nar_hash: str, job: Callable[[], None]) -> None:
+        """Run a cache write in a worker without making anyone wait for it (its fsync can take
+        milliseconds).  A write cut short by a crash leaves only a temp file, removed at start."""
+        writing = asyncio.ensure_future(asyncio.to_thread(job))
+        self._writing[nar_hash] = writing
+
+        def done(future: asyncio.Future[None]) -> None:
+            self._writing.pop(nar_hash, None)
+            if not future.cancelled() and future.exception() is not None:
+                log.warning("NAR %s not cached: %s", nar_hash, future.exception())
+
+        writing.add_done_callback(done)
 
     async def _spool(self, res: Resolution, nar_hash: str) -> bytes | None:
         assert self.cache is not None and res.info is not None
@@ -162,13 +195,15 @@ class NarService:
             try:
                 verified = verified_nar(res.info, sources, self._events(res), tee)
                 if isinstance(tee, _MemoryTee):
-                    # Small NAR: collect the verified bytes, then write (compressing only if the
-                    # source's own file is not zstd), fsync and rename in one worker call.
+                    # Small NAR: collect the verified bytes and hand them out at once; the cache
+                    # write (compressing only if the source's own file is not zstd), fsync and
+                    # rename follow in one worker call.
                     data = b"".join([chunk async for chunk in verified])
                     if tee.complete:
-                        await asyncio.to_thread(self.cache.put_raw, nar_hash, res.info.nar_size, tee.data())
+                        job = partial(self.cache.put_raw, nar_hash, res.info.nar_size, tee.data())
                     else:
-                        await asyncio.to_thread(self.cache.put, nar_hash, res.info.nar_size, data)
+                        job = partial(self.cache.put, nar_hash, res.info.nar_size, data)
+                    self._write_behind(nar_hash, job)
                     return data
                 async for chunk in verified:
                     await tee.add(chunk)

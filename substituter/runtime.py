@@ -170,6 +170,8 @@ class Runtime:
         await _settle()
 
     async def stop(self) -> None:
+        if self.nars is not None:
+            await self.nars.writes_done()  # NARs handed out from memory are cached before exit
         await asyncio.gather(*(f.stop() for f, _ in self.fetchers), return_exceptions=True)
         await asyncio.gather(*(o.stop() for o in set(self.openers.values())), return_exceptions=True)
 

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -41,7 +43,9 @@ def service(tmp_path: Path, sources: list[tuple[str, bytes, str, int | None]], *
 
 async def fetch(nars: NarService, info) -> bytes:
     res = SimpleNamespace(info=info)
-    return b"".join([chunk async for chunk in nars.stream(res)])  # type: ignore[arg-type]
+    data = b"".join([chunk async for chunk in nars.stream(res)])  # type: ignore[arg-type]
+    await nars.writes_done()
+    return data
 
 
 def entry_bytes(cache: NarCache, info) -> bytes:
@@ -130,3 +134,43 @@ async def test_trailing_garbage_after_the_frames_is_refused(tmp_path: Path) -> N
     with pytest.raises(TransferFailed):
         await fetch(nars, info)
     assert cache.get(info.nar_hash.nix32()) is None and no_temp_files(cache)
+
+
+async def test_a_small_nar_is_handed_out_before_its_cache_write_finishes(tmp_path: Path) -> None:
+    nar = make_nar(tmp_path, 300_000)
+    info = make_info(nar)
+    upstream = compress(nar, "zstd")
+    opened = []
+
+    def sources(res: object, bad: set[str]) -> list[Source]:
+        opener = serve_bytes(upstream)
+
+        def counting(offer: Offer, offset: int = 0):
+            opened.append(offset)
+            return opener(offer, offset)
+
+        return [Source("z", Offer(info, "test://z", "zstd"), counting)]
+
+    cache = NarCache(tmp_path / "cache", 1 << 30)
+    release = threading.Event()
+    put_raw = cache.put_raw
+
+    def slow_put_raw(*args: object) -> None:
+        assert release.wait(10)
+        put_raw(*args)  # type: ignore[arg-type]
+
+    cache.put_raw = slow_put_raw  # type: ignore[method-assign]
+    nars = NarService(sources, cache)
+    res = SimpleNamespace(info=info)
+    first = b"".join([c async for c in nars.stream(res)])  # type: ignore[arg-type]
+    assert first == nar and cache.get(info.nar_hash.nix32()) is None  # served, not yet cached
+    second = b"".join([c async for c in nars.stream(res)])  # type: ignore[arg-type]
+    assert second == nar and opened == [0]  # the same verified bytes, no second download
+    waiting = asyncio.ensure_future(nars.cached_file(res))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # the zstd file is only handed out once it exists
+    release.set()
+    entry = await waiting
+    assert entry is not None and entry.path.read_bytes() == upstream
+    await nars.writes_done()
+    assert opened == [0]
