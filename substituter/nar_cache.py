@@ -142,13 +142,44 @@ class NarCache:
     def put(self, nar_hash: str, nar_size: int, data: bytes) -> None:
         """Cache a whole verified NAR held in memory: compress, write, commit, in the calling
         thread (one worker call for a small NAR instead of one per step)."""
-        writer = self.writer(nar_hash, nar_size)
-        try:
-            writer.write(data)
-            writer.commit_sync()
-        except BaseException:
-            writer.abort()
-            raise
+        error = self.put_many([(nar_hash, nar_size, data, False)])[0]
+        if error is not None:
+            raise error
+
+    def put_many(self, items: list[tuple[str, int, bytes, bool]]) -> list[Exception | None]:
+        """Cache verified NARs held in memory, each ``(nar_hash, nar_size, data, is_zstd)``
+        (``data`` the NAR, or with ``is_zstd`` a source's zstd file of it), in the calling thread:
+        all written and made durable first, then all published, so their fsyncs share journal
+        commits.  Returns each item's error (None when it was cached)."""
+        writers: list[_EntryWriter | None] = []
+        errors: list[Exception | None] = []
+        for nar_hash, nar_size, data, is_zstd in items:
+            writer: _EntryWriter | None = None
+            try:
+                if is_zstd:
+                    raw = writer = self.raw_writer(nar_hash, nar_size)
+                    raw.write(data)
+                else:
+                    plain = writer = self.writer(nar_hash, nar_size)
+                    plain.write(data)
+                errors.append(None)
+            except Exception as exc:
+                if writer is not None:
+                    writer.abort()
+                writer = None
+                errors.append(exc)
+            writers.append(writer)
+        for step in (_EntryWriter.prepare, _EntryWriter.publish):
+            for i, writer in enumerate(writers):
+                if writer is None:
+                    continue
+                try:
+                    step(writer)
+                except Exception as exc:
+                    writer.abort()
+                    writers[i] = None
+                    errors[i] = exc
+        return errors
 
     @staticmethod
     def _read_entry(entry: CachedNar) -> bytes:
@@ -171,13 +202,9 @@ class NarCache:
 
     def put_raw(self, nar_hash: str, nar_size: int, data: bytes) -> None:
         """Cache a verified NAR's zstd file held in memory, in the calling thread."""
-        writer = self.raw_writer(nar_hash, nar_size)
-        try:
-            writer.write(data)
-            writer.commit_sync()
-        except BaseException:
-            writer.abort()
-            raise
+        error = self.put_many([(nar_hash, nar_size, data, True)])[0]
+        if error is not None:
+            raise error
 
     def _final_path(self, nar_hash: str, nar_size: int) -> Path:
         return self.directory / f"{nar_hash}-{nar_size}.nar.zst"
@@ -235,6 +262,7 @@ class _EntryWriter:
         self._tmp = cache.directory / f".tmp-{nar_hash}-{os.getpid()}-{id(self):x}"
         self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit/abort
         self._done = False
+        self._prepared = False
 
     async def commit(self) -> bytes:
         """Finish the entry and make it visible; returns the bytes written last (the frame's end)."""
@@ -244,6 +272,15 @@ class _EntryWriter:
 
     def commit_sync(self) -> bytes:
         """:meth:`commit` in the calling thread (finishing, fsync and rename: run it in a worker)."""
+        tail = self.prepare()
+        self.publish()
+        return tail
+
+    def prepare(self) -> bytes:
+        """First half of a commit: finish the file and make it durable (fsync); still invisible.
+
+        Entries all prepared before any is published share the journal commits of their fsyncs
+        (ext4 and most filesystems flush what is pending together)."""
         if self._done:
             return b""
         self._check_complete()
@@ -254,18 +291,25 @@ class _EntryWriter:
         except BaseException:
             self._tmp.unlink(missing_ok=True)
             raise
+        self._prepared = True
+        return tail
+
+    def publish(self) -> None:
+        """Second half of a commit: the prepared file becomes the entry (atomic rename)."""
+        if not self._prepared:
+            return
+        self._prepared = False
         final = self.cache._final_path(self.nar_hash, self.nar_size)
         if self.nar_hash in self.cache._entries:
             self._tmp.unlink(missing_ok=True)  # someone else cached it first
-            return tail
+            return
         file_size = os.stat(self._tmp).st_size
         if file_size > self.cache.max_size:
             log.info("NAR %s (%d bytes compressed) is larger than the cache; not kept", self.nar_hash, file_size)
             self._tmp.unlink(missing_ok=True)
-            return tail
+            return
         os.replace(self._tmp, final)
         self.cache._add(CachedNar(self.nar_hash, self.nar_size, file_size, final))
-        return tail
 
     def _check_complete(self) -> None:
         pass
@@ -281,6 +325,9 @@ class _EntryWriter:
         self._file.close()
 
     def abort(self) -> None:
+        if self._prepared:  # finished but never published
+            self._prepared = False
+            self._tmp.unlink(missing_ok=True)
         if self._done:
             return
         self._done = True

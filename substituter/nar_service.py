@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from functools import partial
 from typing import TYPE_CHECKING
 
 from .nar_cache import CachedNar, CacheWriter, NarCache, RawCacheWriter, ZstdFrame
@@ -30,6 +29,8 @@ DEFAULT_SPOOL_LIMIT = 32 * 1024 * 1024
 MAX_RESTARTS = 3
 #: NARs up to this size are spooled in memory and written to the cache in one worker call.
 MEMORY_SPOOL = 1024 * 1024
+#: Bytes of handed-out small NARs waiting for their cache write, beyond which a spool waits.
+WRITE_BEHIND_LIMIT = 64 * 1024 * 1024
 
 SourcesFn = Callable[["Resolution", set[str]], list[Source]]
 EventsFn = Callable[["Resolution"], TransferEvents]
@@ -51,6 +52,9 @@ class NarService:
         self._spooling: dict[str, asyncio.Task[bytes | None]] = {}
         #: Cache writes of small NARs already handed out from memory (finished in a worker).
         self._writing: dict[str, asyncio.Future[None]] = {}
+        self._queued: list[tuple[str, int, bytes, bool, asyncio.Future[None]]] = []
+        self._queued_bytes = 0
+        self._writer: asyncio.Future[None] | None = None
 
     async def writes_done(self) -> None:
         """Wait for the cache writes still running behind handed-out NARs."""
@@ -167,18 +171,36 @@ class NarService:
         else:
             writing.add_done_callback(lambda _w: self._spooling.pop(nar_hash, None))
 
-    def _write_behind(self, nar_hash: str, job: Callable[[], None]) -> None:
-        """Run a cache write in a worker without making anyone wait for it (its fsync can take
-        milliseconds).  A write cut short by a crash leaves only a temp file, removed at start."""
-        writing = asyncio.ensure_future(asyncio.to_thread(job))
-        self._writing[nar_hash] = writing
+    def _write_behind(self, nar_hash: str, nar_size: int, data: bytes, is_zstd: bool) -> asyncio.Future[None]:
+        """Cache a small NAR already handed out, without making anyone wait (its fsync can take
+        milliseconds).  Writes queue up and go to a worker in batches that share their fsyncs.
+        A write cut short by a crash leaves only a temp file, removed at the next start."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._writing[nar_hash] = done
+        done.add_done_callback(lambda _f: self._writing.pop(nar_hash, None))
+        self._queued.append((nar_hash, nar_size, data, is_zstd, done))
+        self._queued_bytes += len(data)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write_queued())
+        return done
 
-        def done(future: asyncio.Future[None]) -> None:
-            self._writing.pop(nar_hash, None)
-            if not future.cancelled() and future.exception() is not None:
-                log.warning("NAR %s not cached: %s", nar_hash, future.exception())
-
-        writing.add_done_callback(done)
+    async def _write_queued(self) -> None:
+        assert self.cache is not None
+        while self._queued:
+            batch, self._queued = self._queued, []
+            try:
+                errors: list[Exception | None] = await asyncio.to_thread(
+                    self.cache.put_many, [item[:4] for item in batch]
+                )
+            except Exception as exc:
+                errors = [exc] * len(batch)
+            finally:
+                self._queued_bytes -= sum(len(item[2]) for item in batch)
+            for (nar_hash, _size, _data, _zstd, done), error in zip(batch, errors, strict=True):
+                if error is not None:
+                    log.warning("NAR %s not cached: %s", nar_hash, error)
+                if not done.done():
+                    done.set_result(None)
 
     async def _spool(self, res: Resolution, nar_hash: str) -> bytes | None:
         assert self.cache is not None and res.info is not None
@@ -200,10 +222,11 @@ class NarService:
                     # rename follow in one worker call.
                     data = b"".join([chunk async for chunk in verified])
                     if tee.complete:
-                        job = partial(self.cache.put_raw, nar_hash, res.info.nar_size, tee.data())
+                        written = self._write_behind(nar_hash, res.info.nar_size, tee.data(), True)
                     else:
-                        job = partial(self.cache.put, nar_hash, res.info.nar_size, data)
-                    self._write_behind(nar_hash, job)
+                        written = self._write_behind(nar_hash, res.info.nar_size, data, False)
+                    if self._queued_bytes > WRITE_BEHIND_LIMIT:
+                        await asyncio.shield(written)  # the disk is behind: do not pile up memory
                     return data
                 async for chunk in verified:
                     await tee.add(chunk)

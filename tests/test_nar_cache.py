@@ -85,3 +85,16 @@ def test_garbage_hashes(tmp_path: Path) -> None:
         assert cache.get(bad) is None
         with pytest.raises(ValueError):
             cache.writer(bad, 1)
+
+
+async def test_put_many_caches_each_item_and_reports_each_error(tmp_path: Path) -> None:
+    import zstandard
+
+    cache = NarCache(tmp_path / "c", 1 << 30)
+    plain, packed = os.urandom(1000), os.urandom(2000)
+    frame = zstandard.ZstdCompressor().compress(packed)
+    errors = cache.put_many([(H1, len(plain), plain, False), (H2, 5, b"1234", False), (H3, len(packed), frame, True)])
+    assert errors[0] is None and isinstance(errors[1], SizeMismatch) and errors[2] is None
+    assert await read(cache, H1) == plain and await read(cache, H3) == packed
+    assert cache.get(H2) is None
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "c").iterdir()) == sorted([H1, H3])

@@ -153,13 +153,13 @@ async def test_a_small_nar_is_handed_out_before_its_cache_write_finishes(tmp_pat
 
     cache = NarCache(tmp_path / "cache", 1 << 30)
     release = threading.Event()
-    put_raw = cache.put_raw
+    put_many = cache.put_many
 
-    def slow_put_raw(*args: object) -> None:
+    def slow_put_many(items: list[tuple[str, int, bytes, bool]]) -> list[Exception | None]:
         assert release.wait(10)
-        put_raw(*args)  # type: ignore[arg-type]
+        return put_many(items)
 
-    cache.put_raw = slow_put_raw  # type: ignore[method-assign]
+    cache.put_many = slow_put_many  # type: ignore[method-assign]
     nars = NarService(sources, cache)
     res = SimpleNamespace(info=info)
     first = b"".join([c async for c in nars.stream(res)])  # type: ignore[arg-type]
