@@ -167,3 +167,16 @@ def test_sync_peer_is_embedded_once() -> None:
     packet = wire.turn_packet([(0, wire.sync_value(Embedded(peer)))])
     assert packet == preserves.encode(((0, Record(Symbol("S"), (Embedded((0, 12)),))),))
     assert b"\x86\x86" not in packet
+
+
+@pytest.mark.parametrize("value", _values()[:120], ids=lambda v: type(v).__name__)
+def test_map_embeddeds_is_preserves_map_embeddeds(value: Any) -> None:
+    from preserves.fold import map_embeddeds
+
+    def rewrite(inner: Any) -> Any:
+        return Embedded(("rewritten", repr(inner)))
+
+    ours, theirs = wire.map_embeddeds(rewrite, value), map_embeddeds(rewrite, value)
+    assert repr(ours) == repr(theirs)
+    assert type(ours) is type(theirs)
+    assert preserves.encode(ours) == preserves.encode(theirs)

@@ -79,7 +79,7 @@ def parse_capability(cap: str) -> Any:
     return value
 
 
-class _ClientRelay:
+class _ClientRelay(wire.FastRewrites):
     """Mixin for syndicate-py's client relays: remembers why the server turned us away, sends
     syncs that syndicate-server accepts, and reads and writes packets with ``wire`` rather than
     the generic codec and protocol schema (same values, same bytes)."""

@@ -50,7 +50,7 @@ READ_CHUNK = 64 * 1024
 AUTH_TIMEOUT = 10.0
 
 
-class ServerConnection(relay.TunnelRelay):
+class ServerConnection(wire.FastRewrites, relay.TunnelRelay):
     """The server side of one accepted stream; construct inside the connection's actor."""
 
     pending_turn: list[tuple[int, Any]]  # set by the base class; holds (oid, event value)

@@ -16,13 +16,16 @@ from typing import Any
 import preserves
 from preserves import Embedded, ImmutableDict, Record, Symbol
 from preserves.binary import Decoder
+from preserves.fold import map_embeddeds as _generic_map_embeddeds
 from syndicate.schema import sturdy
 
 __all__ = [
     "EVENT_NAMES",
+    "FastRewrites",
     "decode_wire_ref",
     "encode",
     "event_value",
+    "map_embeddeds",
     "next_value",
     "parse_turn",
     "sync_value",
@@ -194,6 +197,26 @@ def parse_turn(value: Any) -> list[tuple[int, str, Any, Any]] | None:
     return events
 
 
+# --------------------------------------------------------------------------- embedded refs
+
+
+def map_embeddeds(f: Any, v: Any) -> Any:
+    """As ``preserves.fold.map_embeddeds`` (what a relay rewrites every value with), with the
+    common types dispatched directly."""
+    t = type(v)
+    if t is str or t is Symbol or t is int or t is bytes or t is bool or t is float:
+        return v
+    if t is Record:
+        return Record(map_embeddeds(f, v.key), tuple([map_embeddeds(f, w) for w in v.fields]))
+    if t is tuple:
+        return tuple([map_embeddeds(f, w) for w in v])
+    if t is Embedded:
+        return f(v.embeddedValue)
+    if t is ImmutableDict:
+        return ImmutableDict.from_kvs([map_embeddeds(f, w) for kv in v.items() for w in kv])
+    return _generic_map_embeddeds(f, v)
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -274,10 +297,16 @@ def _write(out: bytearray, v: Any) -> None:
         out += v
     elif t is _WIRE_MINE:
         _write(out, (0, v.oid.value))
+    elif t is ImmutableDict or t is dict:  # patterns hold these; not canonically ordered
+        out.append(0xB7)
+        for key, item in v.items():
+            _write(out, key)
+            _write(out, item)
+        out.append(0x84)
     elif t is float:
         out += b"\x87\x08"
         out += _pack_double(v)
-    else:  # dictionaries, sets, annotations, schema objects: rare here
+    else:  # sets, annotations, schema objects: rare here
         out += preserves.encode(v)
 
 
@@ -299,3 +328,24 @@ def turn_packet(events: list[tuple[int, Any]]) -> bytes:
     out.append(0x84)
     return bytes(out)
 
+
+
+class FastRewrites:
+    """Mixin for a syndicate-py ``TunnelRelay``: its ``register`` and ``rewrite_in`` (the
+    reference rewriting of every value crossing the connection) with ``map_embeddeds`` above."""
+
+    outbound_assertions: dict[Any, Any]
+
+    def register(self, target_oid: int, assertion: Any, maybe_handle: Any) -> Any:
+        pins: list[Any] = []
+        self.register_imported_oid(target_oid, pins)  # type: ignore[attr-defined]
+        transient = maybe_handle is None
+        rewrite = self.rewrite_ref_out  # type: ignore[attr-defined]
+        rewritten = map_embeddeds(lambda r: Embedded(rewrite(r, transient, pins)), assertion)
+        if maybe_handle is not None:
+            self.outbound_assertions[maybe_handle] = pins
+        return rewritten
+
+    def rewrite_in(self, assertion: Any, pins: list[Any]) -> Any:
+        rewrite = self.rewrite_ref_in  # type: ignore[attr-defined]
+        return map_embeddeds(lambda wire_ref: Embedded(rewrite(wire_ref, pins)), assertion)
