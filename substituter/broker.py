@@ -21,17 +21,18 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from preserves import Record, preserve
+from preserves import Record, Symbol, preserve
+from syndicate import actor, turn
 from syndicate import patterns as P
-from syndicate import turn
 from syndicate.actor import Turn
-from syndicate.dataspace import during
+from syndicate.dataspace import during, observe
 
 from .errors import ProtocolError
+from .fetcher_host import local_record
 from .metrics import Metrics
 from .nix.narinfo import NarInfo
 from .plugin import Fetcher, Offer
-from .protocol import Available, Failed, Intent, Transfer, Want, record_pattern
+from .protocol import Available, Failed, Intent, Transfer, record_pattern
 from .protocol import Fetcher as FetcherRecord
 from .protocol import Unavailable as UnavailableRecord
 from .ranking import Candidate, Demand, FetcherStats
@@ -49,29 +50,13 @@ Opener = Callable[[Offer, int], AsyncIterator[bytes]]
 FAILURE_MEMORY = 600.0
 PROGRESS_INTERVAL = 0.5
 
-
-# Per demand the broker asserts one want and two observers whose only variable part is the
-# hash.  Encoding them through the schema classes cost more than the rest of a demand's turn,
-# so each is encoded once, with a placeholder for the hash, and copied with the hash put in.
-_HASH_SLOT = "\0hash-part\0"
+_WANT = Symbol("want")
+_INTENT = {"fetch": preserve(Intent.fetch()), "query": preserve(Intent.query())}
 
 
-def _fill(template: Any, hash_part: str) -> Any:
-    if isinstance(template, Record):
-        return Record(template.key, [_fill(f, hash_part) for f in template])
-    if isinstance(template, dict):
-        return {k: _fill(v, hash_part) for k, v in template.items()}
-    if isinstance(template, tuple):
-        return tuple(_fill(v, hash_part) for v in template)
-    if isinstance(template, str) and template == _HASH_SLOT:
-        return hash_part
-    return template
-
-
-_WANT = {intent: preserve(Want(_HASH_SLOT, Intent.fetch() if intent == "fetch" else Intent.query()))
-         for intent in ("fetch", "query")}
-_OFFERS = preserve(P.bind(record_pattern(Available, hash=_HASH_SLOT)))
-_DECLINES = preserve(record_pattern(UnavailableRecord, hash=_HASH_SLOT, fetcher=P.CAPTURE, reason=P.CAPTURE))
+def _want(hash_part: str, intent: str) -> Record:
+    """``preserve(Want(hash_part, intent))``, built directly (this runs for every demand)."""
+    return Record(_WANT, (hash_part, _INTENT[intent]))
 
 
 @dataclass(frozen=True)
@@ -102,9 +87,41 @@ class Resolution:
 class _Active:
     demand: Demand
     intent: str = "query"
-    facet: Any = None
+    #: Our <want …> assertions (a second one when a query becomes a fetch); None until started.
+    wants: list[Any] | None = None
     waiters: list[asyncio.Future[Resolution]] = field(default_factory=list)
     expires: float = 0.0
+
+
+class _Answer:
+    """One ``<available …>`` or ``<unavailable …>`` present in the dataspace."""
+
+    __slots__ = ("hash_part", "value", "fetcher", "reason", "demand")
+
+    def __init__(self, hash_part: str, value: Any, fetcher: Any = None, reason: Any = None) -> None:
+        self.hash_part = hash_part
+        self.value = value  # the whole Available record; None for an Unavailable
+        self.fetcher = fetcher
+        self.reason = reason
+        #: The demand this answer counted for (its withdrawal is told to that demand only).
+        self.demand: Demand | None = None
+
+
+class _Answers(actor.Entity):
+    """Observer of every offer (or every decline) in the dataspace, whatever its hash.
+
+    One observer for all demands instead of two per demand: a demand then costs one <want>
+    assertion, not a facet, two Observe assertions (each a pattern the dataspace indexes)
+    and a facet per answer."""
+
+    def __init__(self, added: Callable[[Any, Any], None], removed: Callable[[Any], None]) -> None:
+        self.added, self.removed = added, removed
+
+    def on_publish(self, v: Any, handle: Any) -> None:
+        self.added(v, handle)
+
+    def on_retract(self, handle: Any) -> None:
+        self.removed(handle)
 
 
 class Broker:
@@ -140,6 +157,10 @@ class Broker:
         #: under that name, and is ignored: it must neither be opened with the local fetcher's
         #: session nor cut a demand short.
         self.local_answers = local_answers if local_answers is not None else set()
+        #: Every answer present in the dataspace, by handle and by hash.  Answers for a hash
+        #: nobody here wants are only kept (not decoded) until a demand for it starts.
+        self._answers: dict[Any, _Answer] = {}
+        self._answers_by_hash: dict[str, dict[Any, _Answer]] = {}
         self.facet: Any = None
 
     # --- wiring ----------------------------------------------------------------------------
@@ -168,6 +189,10 @@ class Broker:
                         self._check(hash_part)
 
             return gone
+
+        observe(self.ds, P.bind(record_pattern(Available)))(_Answers(self._offer_added, self._answer_removed))
+        observe(self.ds, record_pattern(UnavailableRecord, hash=P.CAPTURE, fetcher=P.CAPTURE,
+                                        reason=P.CAPTURE))(_Answers(self._decline_added, self._answer_removed))
 
     def _external(self, action: Callable[[], None]) -> None:
         Turn.external(self.facet, action)
@@ -204,8 +229,8 @@ class Broker:
         active.intent = "fetch"
 
         def publish() -> None:
-            if active.facet is not None and active.facet.alive:
-                turn.run(active.facet, lambda: turn.publish(self.ds, _fill(_WANT["fetch"], hash_part)))
+            if active.wants is not None and self._active.get(hash_part) is active:
+                active.wants.append(turn.publish(self.ds, _want(hash_part, "fetch")))
 
         self._external(publish)
 
@@ -226,57 +251,101 @@ class Broker:
         # Fetchers that became live between resolve() and this turn.
         for name, priority in self.live.items():
             demand.fetcher_joined(name, priority)
-
-        def facet_boot() -> None:
-            turn.publish(self.ds, _fill(_WANT[intent if intent == "fetch" else "query"], hash_part))
-
-            @during(self.ds, _fill(_OFFERS, hash_part))
-            def offered(value: Any) -> Any:
-                try:
-                    record = Available.decode(value)
-                    offer = record_to_offer(record)
-                except ProtocolError as exc:
-                    log.warning("ignoring a malformed offer for %s: %s", hash_part, exc)
-                    return None
-                if self._foreign(hash_part, record.fetcher):
-                    return None
-                if self._opener(record.fetcher, offer.uri) is None:
-                    # Counting it would serve a narinfo whose NAR must fail, where a 404 lets Nix
-                    # fall back to its next substituter (e.g. file:// offered by a remote fetcher).
-                    log.warning("%s offers %s, which no installed plugin can open", record.fetcher, offer.uri)
-                    self.metrics.offers.labels(record.fetcher, "unopenable").inc()
-                    scheme = urlsplit(offer.uri).scheme
-                    demand.declined(record.fetcher, f"offered a {scheme}: URI, which this daemon does not open "
-                                                    f"for that fetcher (it opens: {', '.join(sorted(self.openers))})")
-                    self._check(hash_part)
-                    return None
-                verdict = self.trust.judge(offer.info)
-                self.metrics.offers.labels(record.fetcher, "trusted" if verdict.trusted else "untrusted").inc()
-                if not verdict.trusted:
-                    log.warning("%s offers %s, refused: %s", record.fetcher, offer.info.store_path, verdict.reason)
-                demand.offered(record.fetcher, offer, verdict)
-                self._check(hash_part)
-
-                def withdrawn() -> None:
-                    demand.withdrawn(record.fetcher)
-                    self._check(hash_part)
-
-                return withdrawn
-
-            @during(self.ds, _fill(_DECLINES, hash_part))
-            def declined(fetcher: Any, reason: Any) -> None:
-                if self._foreign(hash_part, str(fetcher)):
-                    return
-                self.metrics.offers.labels(str(fetcher), "unavailable").inc()
-                demand.declined(str(fetcher), str(reason))
-                self._check(hash_part)
-
-        active.facet = turn.facet(facet_boot)
+        active.wants = [turn.publish(self.ds, _want(hash_part, "fetch" if intent == "fetch" else "query"))]
+        # Answers already present (e.g. to someone else's want) count at once, as an observer
+        # of this hash alone would have been told of them on subscribing.
+        for answer in list(self._answers_by_hash.get(hash_part, {}).values()):
+            self._apply(active, answer)
         active.expires = time.monotonic() + self.linger
         loop = asyncio.get_running_loop()
         loop.call_later(self.locate_timeout, lambda: self._external(lambda: self._deadline(hash_part, active)))
         loop.call_later(self.linger, lambda: self._external(lambda: self._maybe_expire(hash_part, active)))
         self._check(hash_part)
+
+    # --- answers ---------------------------------------------------------------------------
+
+    def _offer_added(self, captures: Any, handle: Any) -> None:
+        value = captures[0] if isinstance(captures, tuple) and captures else None
+        fields: tuple[Any, ...] = tuple(value.fields) if isinstance(value, Record) else ()
+        if len(fields) < 2 or not isinstance(fields[0], str):
+            log.warning("ignoring a malformed offer: %r", value)
+            return
+        self._add_answer(handle, _Answer(fields[0], value, fields[1]))
+
+    def _decline_added(self, captures: Any, handle: Any) -> None:
+        if not isinstance(captures, tuple) or len(captures) != 3 or not isinstance(captures[0], str):
+            return
+        hash_part, fetcher, reason = captures
+        self._add_answer(handle, _Answer(hash_part, None, fetcher, reason))
+
+    def _add_answer(self, handle: Any, answer: _Answer) -> None:
+        self._answers[handle] = answer
+        self._answers_by_hash.setdefault(answer.hash_part, {})[handle] = answer
+        active = self._active.get(answer.hash_part)
+        if active is not None and active.wants is not None:
+            self._apply(active, answer)
+
+    def _answer_removed(self, handle: Any) -> None:
+        answer = self._answers.pop(handle, None)
+        if answer is None:
+            return
+        same_hash = self._answers_by_hash.get(answer.hash_part)
+        if same_hash is not None:
+            same_hash.pop(handle, None)
+            if not same_hash:
+                del self._answers_by_hash[answer.hash_part]
+        active = self._active.get(answer.hash_part)
+        if answer.value is not None and active is not None and answer.demand is active.demand:
+            active.demand.withdrawn(str(answer.fetcher))
+            self._check(answer.hash_part)
+
+    def _apply(self, active: _Active, answer: _Answer) -> None:
+        """Count one answer for the demand of its hash."""
+        if answer.value is None:
+            self._declined(active.demand, answer)
+        else:
+            self._offered(active.demand, answer)
+        self._check(answer.hash_part)
+
+    def _declined(self, demand: Demand, answer: _Answer) -> None:
+        fetcher = str(answer.fetcher)
+        if self._foreign(answer.hash_part, fetcher):
+            return
+        self.metrics.offers.labels(fetcher, "unavailable").inc()
+        demand.declined(fetcher, str(answer.reason))
+
+    def _offered(self, demand: Demand, answer: _Answer) -> None:
+        hash_part = answer.hash_part
+        fetcher = answer.fetcher
+        if not isinstance(fetcher, str):
+            log.warning("ignoring a malformed offer for %s: fetcher %r", hash_part, fetcher)
+            return
+        if self._foreign(hash_part, fetcher):
+            return
+        local = self.local_fetchers.get(fetcher)
+        record = local_record(local, hash_part) if local is not None else None
+        try:
+            if record is None:  # from elsewhere: decode (and so check) the dataspace's value
+                record = Available.decode(answer.value)
+            offer = record_to_offer(record)
+        except ProtocolError as exc:
+            log.warning("ignoring a malformed offer for %s: %s", hash_part, exc)
+            return
+        if self._opener(fetcher, offer.uri) is None:
+            # Counting it would serve a narinfo whose NAR must fail, where a 404 lets Nix
+            # fall back to its next substituter (e.g. file:// offered by a remote fetcher).
+            log.warning("%s offers %s, which no installed plugin can open", fetcher, offer.uri)
+            self.metrics.offers.labels(fetcher, "unopenable").inc()
+            scheme = urlsplit(offer.uri).scheme
+            demand.declined(fetcher, f"offered a {scheme}: URI, which this daemon does not open "
+                                     f"for that fetcher (it opens: {', '.join(sorted(self.openers))})")
+            return
+        verdict = self.trust.judge(offer.info)
+        self.metrics.offers.labels(fetcher, "trusted" if verdict.trusted else "untrusted").inc()
+        if not verdict.trusted:
+            log.warning("%s offers %s, refused: %s", fetcher, offer.info.store_path, verdict.reason)
+        demand.offered(fetcher, offer, verdict)
+        answer.demand = demand
 
     def _deadline(self, hash_part: str, active: _Active) -> None:
         # Not `demand.pending`: a demand with no fetcher at all has none pending, yet is undecided.
@@ -294,8 +363,9 @@ class Broker:
             )
             return
         del self._active[hash_part]
-        if active.facet is not None:
-            turn.stop(active.facet)
+        for handle in active.wants or ():
+            turn.retract(handle)
+        active.wants = None
 
     def _check(self, hash_part: str) -> None:
         active = self._active.get(hash_part)

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from preserves import preserve
 from syndicate import actor, turn
 
-from substituter.broker import Broker, Resolution
+from substituter.broker import Broker, Resolution, _want
 from substituter.dataspace.barrier import barrier
 from substituter.dataspace.dataspace import Dataspace
-from substituter.fetcher_host import FetcherHost
+from substituter.fetcher_host import FetcherHost, available_value
 from substituter.plugin import FunctionFetcher, Offer, Unavailable
+from substituter.protocol import Intent, Want
 from substituter.protocol import Unavailable as UnavailableRecord
 from substituter.records import offer_to_record
 from substituter.trust import TrustPolicy
@@ -26,7 +29,8 @@ TRUST = TrustPolicy([str(KEY.public_key())])
 
 
 def run_with_broker(fetchers: list[FunctionFetcher], scenario: Callable[[Broker, Any], Awaitable[None]],
-                    locate_timeout: float = 1.0) -> None:
+                    locate_timeout: float = 1.0, linger: float = 60.0,
+                    openers: dict[str, Any] | None = None) -> None:
     """Boot a dataspace, hosts for ``fetchers`` and a broker; run ``scenario``; fail on its error."""
     loop = asyncio.new_event_loop()
     outcome: dict[str, BaseException | None] = {"error": None}
@@ -34,7 +38,7 @@ def run_with_broker(fetchers: list[FunctionFetcher], scenario: Callable[[Broker,
     def boot() -> None:
         ds = turn.ref(Dataspace())
         local_answers: set[tuple[str, str]] = set()
-        broker = Broker(ds, TRUST, locate_timeout=locate_timeout,
+        broker = Broker(ds, TRUST, locate_timeout=locate_timeout, linger=linger, openers=openers,
                         local_fetchers={f.name: f for f in fetchers if not f.name.startswith("remote-")},
                         local_answers=local_answers)
         broker.boot()
@@ -182,3 +186,58 @@ def test_sources_never_mix_two_nars_of_one_path(tmp_path: Path) -> None:
         assert [c.fetcher for c in res.for_nar(other_hash).candidates] == [other]
 
     run_with_broker([offering("one", a, 0.0, 10), offering("two", b, 0.0, 10)], scenario)
+
+
+def test_records_built_by_hand_are_the_schema_encoding(tmp_path: Path) -> None:
+    """The broker and the hosts build <want>, <available> and <unavailable> directly; a peer
+    decoding them with the schema must see the same values."""
+    nar = make_nar(tmp_path, 1000)
+    refs = ["1" * 32 + "-dep", "2" * 32 + "-other"]
+    plain = make_info(nar)
+    full = dataclasses.replace(make_info(nar, references=refs), deriver="3" * 32 + "-x.drv",
+                               ca="fixed:r:sha256:" + "4" * 52)
+    for info in (plain, full):
+        record = offer_to_record(H, "cache", Offer(info, "https://c/x", "zstd", 77, None, 5))
+        assert available_value(record) == preserve(record)
+    assert _want(H, "fetch") == preserve(Want(H, Intent.fetch()))
+    assert _want(H, "query") == preserve(Want(H, Intent.query()))
+
+
+def test_offers_made_before_the_demand_count_and_withdrawn_ones_go(tmp_path: Path) -> None:
+    """Answers are watched for every hash at once: one already in the dataspace (a peer answering
+    someone else's want) counts when the demand starts; its retraction removes it again."""
+    info = make_info(make_nar(tmp_path, 1000))
+
+    async def scenario(broker: Broker, root: Any) -> None:
+        handle: dict[str, Any] = {}
+
+        def publish() -> None:
+            handle["peer"] = turn.publish(broker.ds, preserve(offer_to_record(H, "peer", Offer(info, "test://peer"))))
+
+        turn.external(root, publish)
+        await asyncio.sleep(0.05)
+        res = await broker.resolve(H)
+        assert {c.fetcher for c in res.candidates} == {"peer", "local"}
+        turn.external(root, lambda: turn.retract(handle["peer"]))
+        await asyncio.sleep(0.05)
+        assert [c.fetcher for c in (await broker.resolve(H)).candidates] == ["local"]
+
+    run_with_broker([offering("local", info, 0.2)], scenario, openers={"test": serve_bytes(b"")})
+
+
+def test_an_expired_demand_is_asked_again(tmp_path: Path) -> None:
+    """After ``linger`` the want is retracted (the hosts drop their answers); the next resolve
+    asks the fetchers again rather than reusing a stale answer."""
+    info = make_info(make_nar(tmp_path, 1000))
+    calls: list[tuple[str, float]] = []
+
+    async def scenario(broker: Broker, _root: Any) -> None:
+        assert (await broker.resolve(H)).info is not None
+        assert (await broker.resolve(H, "fetch")).info is not None  # upgraded, not asked again
+        assert len(calls) == 1
+        await asyncio.sleep(0.6)
+        assert H not in broker._active and not broker._answers, "want and answer retracted"
+        assert (await broker.resolve(H)).info is not None
+        assert len(calls) == 2
+
+    run_with_broker([offering("cache", info, 0.0, calls=calls)], scenario, linger=0.3)
