@@ -166,7 +166,8 @@ async def _with_stall_timeout(
 ) -> AsyncIterator[bytes]:
     while True:
         try:
-            chunk = await asyncio.wait_for(anext(it), timeout)
+            async with asyncio.timeout(timeout):  # a timer, not a task per chunk as wait_for
+                chunk = await anext(it)
         except StopAsyncIteration:
             return
         except TimeoutError:
@@ -299,8 +300,11 @@ async def _checked_chunks(
     decoder = None if raw else decompressor(compression, max_output=checker.expected_size)
     pipeline = _SourceBytes(decoder, 0 if raw else offset, checker, raw_sink)
     try:
-        received = _with_stall_timeout(stream, stall, source.fetcher)
-        async for data in prefetched(_coalesced(received, COALESCE)):
+        received = _coalesced(_with_stall_timeout(stream, stall, source.fetcher), COALESCE)
+        if checker.expected_size > COALESCE:
+            # Reading runs ahead while a piece is checked; a small NAR is one piece anyway.
+            received = prefetched(received)
+        async for data in received:
             i = 0
             while i < len(data):
                 if len(data) >= THREAD_THRESHOLD:
