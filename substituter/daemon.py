@@ -23,7 +23,8 @@ from .broker import Broker
 from .config import Config, parse_listen
 from .dataspace.gatekeeper import load_or_create_key, mint
 from .dataspace.relay import DEFAULT_OID, serve_dataspace
-from .http_cache import make_app
+from .http_cache import Narinfos, make_app
+from .http_front import FrontServer
 from .nar_service import NarService
 from .runtime import Runtime
 
@@ -75,19 +76,25 @@ class Daemon:
     async def _main(self, _facet: Any) -> None:
         assert self.ready is not None and self._stop is not None
         runner: web.AppRunner | None = None
+        front: FrontServer | None = None
+        server: asyncio.Server | None = None
         try:
             if self.relay is not None:
                 await self.relay.ready
             await self.runtime.start()
-            runner = web.AppRunner(make_app(self), access_log=None, handle_signals=False)
+            narinfos = Narinfos(self)
+            runner = web.AppRunner(make_app(self, narinfos), access_log=None, handle_signals=False)
             await runner.setup()
+            assert runner.server is not None
+            # Narinfo requests are answered by the front; it hands everything else to aiohttp.
+            front = FrontServer(narinfos, runner.server)
             listen = parse_listen(self.config.listen)
+            loop = asyncio.get_running_loop()
             if isinstance(listen, Path):
-                site: web.BaseSite = web.UnixSite(runner, str(listen))
+                server = await loop.create_unix_server(front, str(listen), backlog=128)
             else:
-                site = web.TCPSite(runner, listen[0], listen[1], reuse_address=True)
-            await site.start()
-            self.http_address = _bound_address(runner, listen)
+                server = await loop.create_server(front, listen[0], listen[1], reuse_address=True, backlog=128)
+            self.http_address = _bound_address(server, listen)
             log.info("serving Nix on %s with %d fetcher(s): %s", _show_address(self.http_address),
                      len(self.runtime.fetchers), ", ".join(f.name for f, _ in self.runtime.fetchers))
             _notify_systemd("READY=1")
@@ -96,6 +103,10 @@ class Daemon:
             log.info("shutting down")
             _notify_systemd("STOPPING=1")
         finally:
+            if server is not None:
+                server.close()
+            if front is not None:
+                front.close()
             if runner is not None:
                 await runner.cleanup()  # lets in-flight responses finish (aiohttp's shutdown timeout)
             await self.runtime.stop()
@@ -111,7 +122,7 @@ class Daemon:
 
     def run(self, on_ready: Callable[[Daemon], None] | None = None) -> None:
         """Block running the daemon until SIGTERM/SIGINT (or request_stop)."""
-        loop = self._loop = asyncio.new_event_loop()
+        loop = self._loop = new_event_loop()
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -128,6 +139,19 @@ class Daemon:
         actor.System(loop=loop).run(self.boot, name="substituter", configure_logging=False)
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when it is installed (its transports cost a fraction of asyncio's per request);
+    ``SUBSTITUTER_EVENT_LOOP=asyncio`` keeps the standard loop."""
+    if os.environ.get("SUBSTITUTER_EVENT_LOOP", "") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(path.name + ".tmp")
@@ -137,15 +161,11 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _bound_address(runner: web.AppRunner, listen: tuple[str, int] | Path) -> tuple[str, int] | Path:
-    if isinstance(listen, Path):
+def _bound_address(server: asyncio.Server, listen: tuple[str, int] | Path) -> tuple[str, int] | Path:
+    if isinstance(listen, Path) or not server.sockets:
         return listen
-    for site in runner.sites:
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            host, port = server.sockets[0].getsockname()[:2]
-            return host, port
-    return listen
+    host, port = server.sockets[0].getsockname()[:2]
+    return host, port
 
 
 def _show_address(addr: tuple[str, int] | Path | None) -> str:

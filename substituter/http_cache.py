@@ -30,6 +30,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .errors import FetchError
+from .http_front import Prebuilt, prebuilt
 from .nix.narinfo import NarInfo
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from .daemon import Daemon
     from .nar_cache import CachedNar
 
-__all__ = ["make_app", "nar_url"]
+__all__ = ["Narinfos", "make_app", "nar_url"]
 
 log = logging.getLogger("substituter.http")
 
@@ -48,7 +49,6 @@ _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 
 NARINFO_TYPE = "text/x-nix-narinfo"
 NO_STORE = {"Cache-Control": "no-store"}
-_NARINFO_HEADERS = {"Content-Type": NARINFO_TYPE, "Cache-Control": "max-age=86400"}
 DAEMON_KEY: web.AppKey[Daemon] = web.AppKey("daemon")
 
 
@@ -108,29 +108,87 @@ def _not_found(reason: str) -> web.Response:
     return web.Response(status=404, text=reason + "\n", headers=NO_STORE)
 
 
+#: How long a narinfo answer is reused without asking the broker again.  The broker's answer for
+#: a decided demand is its current ranking; within this window a withdrawn offer or a source just
+#: found bad may still be named, as if the request had come that much earlier.  Asking again once
+#: per window also keeps the broker's demand (and its linger) alive while the path is in use.
+WARM_SECONDS = 1.0
+WARM_ENTRIES = 8192
+NARINFO_CACHE_CONTROL = "max-age=86400"
+
+
+class Narinfos:
+    """Narinfo and nix-cache-info answers as prebuilt responses, for the front and for aiohttp.
+
+    Hits are remembered per hash part for :data:`WARM_SECONDS`, so a path asked for again (Nix
+    sends HEAD then GET, many clients share a closure) is a dict hit, not a broker round.
+    """
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        config = daemon.config
+        info = f"StoreDir: {config.store_dir}\nWantMassQuery: 1\nPriority: {config.priority}\n"
+        self._cache_info = prebuilt(200, "text/x-nix-cache-info; charset=utf-8", NARINFO_CACHE_CONTROL,
+                                    info.encode())
+        self._warm: dict[str, tuple[float, Prebuilt]] = {}
+        metrics = daemon.metrics
+        self._hits = metrics.narinfo_requests.labels("hit")
+        self._misses = metrics.narinfo_requests.labels("miss")
+        self._latency = metrics.narinfo_latency
+
+    def cache_info(self) -> Prebuilt:
+        return self._cache_info
+
+    def warm(self, hash_part: str) -> Prebuilt | None:
+        entry = self._warm.get(hash_part)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        self._hits.inc()
+        self._latency.observe(0.0)  # answered from memory: nothing waited for
+        return entry[1]
+
+    async def narinfo(self, hash_part: str) -> Prebuilt:
+        """Ask the broker (``hash_part`` must be valid nix32): the narinfo, or a 404 saying why."""
+        daemon = self.daemon
+        started = time.monotonic()
+        res = await daemon.broker.resolve(hash_part, "query")
+        now = time.monotonic()
+        self._latency.observe(now - started)
+        if res.info is None:
+            self._misses.inc()
+            log.info("%s.narinfo: not found (%s)", hash_part, res.reason)
+            return prebuilt(404, "text/plain; charset=utf-8", "no-store", f"{hash_part}: {res.reason}\n".encode())
+        self._hits.inc()
+        cache = daemon.nars.cache
+        cached = cache.get(_served_entry(res.info).nar_hash) if cache is not None else None
+        answer = prebuilt(200, NARINFO_TYPE, NARINFO_CACHE_CONTROL, served_narinfo(res.info, cached))
+        warm = self._warm
+        warm.pop(hash_part, None)  # re-inserted last: the dict's order is the expiry order
+        warm[hash_part] = (now + WARM_SECONDS, answer)
+        if len(warm) > WARM_ENTRIES:
+            del warm[next(iter(warm))]
+        return answer
+
+
+NARINFOS: web.AppKey[Narinfos] = web.AppKey("narinfos")
+
+
+def _response(answer: Prebuilt) -> web.Response:
+    """The same answer through aiohttp (for connections the front handed over)."""
+    return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+
+
 async def cache_info(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON_KEY]
-    body = f"StoreDir: {daemon.config.store_dir}\nWantMassQuery: 1\nPriority: {daemon.config.priority}\n"
-    return web.Response(text=body, content_type="text/x-nix-cache-info",
-                        headers={"Cache-Control": "max-age=86400"})
+    return _response(request.app[NARINFOS].cache_info())
 
 
 async def narinfo(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON_KEY]
     hash_part = request.match_info["hash"]
     if not _HASH_PART.fullmatch(hash_part):
         return _not_found("not a store path hash")
-    started = time.monotonic()
-    res = await daemon.broker.resolve(hash_part, "query")
-    daemon.metrics.narinfo_latency.observe(time.monotonic() - started)
-    if res.info is None:
-        daemon.metrics.narinfo_requests.labels("miss").inc()
-        log.info("%s.narinfo: not found (%s)", hash_part, res.reason)
-        return _not_found(f"{hash_part}: {res.reason}")
-    daemon.metrics.narinfo_requests.labels("hit").inc()
-    cache = daemon.nars.cache
-    cached = cache.get(_served_entry(res.info).nar_hash) if cache is not None else None
-    return web.Response(body=served_narinfo(res.info, cached), headers=_NARINFO_HEADERS)
+    narinfos = request.app[NARINFOS]
+    answer = narinfos.warm(hash_part) or await narinfos.narinfo(hash_part)
+    return _response(answer)
 
 
 IMMUTABLE = "max-age=31536000, immutable"
@@ -255,9 +313,10 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def make_app(daemon: Daemon) -> web.Application:
+def make_app(daemon: Daemon, narinfos: Narinfos | None = None) -> web.Application:
     app = web.Application()
     app[DAEMON_KEY] = daemon
+    app[NARINFOS] = narinfos or Narinfos(daemon)
     for path, handler in (
         ("/nix-cache-info", cache_info),
         ("/{hash}.narinfo", narinfo),
