@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -236,3 +237,31 @@ def test_streaming_replaces_a_corrupt_source_caught_before_any_byte_went_out(
         assert result.returncode == 0, result.stderr.decode() + daemon.log()
         assert_intact(nix, store, cache.paths)
         assert "starting over without evil" in daemon.log()
+
+
+@pytest.mark.parametrize("verify_first", [0, 32 * 1024 * 1024])
+def test_a_zstd_upstream_file_is_cached_and_served_as_it_is(
+        nix: Nix, nix_keys, tmp_path: Path, serve_cache, verify_first: int) -> None:
+    """The verified cache keeps Nix's own zstd files (no compression work in the daemon), and
+    Nix takes them back through the daemon with the upstream gone."""
+    cache = build_cache(nix, nix_keys, tmp_path / "cache", "zstd")
+    server = serve_cache(cache.root)
+    config = {"trusted-public-keys": [cache.public_key], "fetchers": [binary_cache(server.url)],
+              "nar-cache": {"verify-first": verify_first}}
+    with DaemonProcess(tmp_path, config, nix.env) as daemon:
+        result = copy_from(nix, daemon.url, tmp_path / "first", cache.public_key, cache.top)
+        assert result.returncode == 0, result.stderr.decode() + daemon.log()
+        server.stop()
+        for path in cache.paths:
+            hash_part = Path(path).name[:32]
+            upstream = (cache.root / f"{hash_part}.narinfo").read_text()
+            upstream_url = next(line[5:] for line in upstream.splitlines() if line.startswith("URL: "))
+            deadline = time.monotonic() + 10  # the cache write may still be finishing
+            while "Compression: zstd" not in (served := httpx.get(f"{daemon.url}/{hash_part}.narinfo").text):
+                assert time.monotonic() < deadline, served
+                time.sleep(0.05)
+            url = next(line[5:] for line in served.splitlines() if line.startswith("URL: "))
+            assert httpx.get(f"{daemon.url}/{url}").content == (cache.root / upstream_url).read_bytes()
+        result = copy_from(nix, daemon.url, tmp_path / "second", cache.public_key, cache.top)
+        assert result.returncode == 0, result.stderr.decode() + daemon.log()
+        assert_intact(nix, tmp_path / "second", cache.paths)
