@@ -5,8 +5,9 @@
 2. Download every missing NAR in parallel, verified against its signed NarHash/NarSize, into the
    local NAR cache (a corrupt source is replaced by the next one there).
 3. Import in topological order, references first, streaming from the cache through the nix-daemon
-   worker protocol (signatures and CA travel with each path) or `nix-store --import`.  A path is
-   either fully imported and valid, or absent.
+   worker protocol (signatures and CA travel with each path): to a daemon's socket, or for a
+   chroot DIR to our own `nix-daemon --stdio --store DIR` (one process for every query and the
+   import).  A path is either fully imported and valid, or absent.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from preserves import Record, Symbol
 from syndicate import turn
 from syndicate.actor import Turn
 
@@ -27,12 +29,13 @@ from .broker import Resolution
 from .errors import FetchError, FormatError, StoreError, SubstituterError
 from .nix.narinfo import NarInfo
 from .nix.store_path import StorePath, validate_hash_part
-from .protocol import Realised
 from .store.base import PathInfo, Store
 
 __all__ = ["FetchPlan", "Progress", "fetch_closure", "open_store", "parse_targets"]
 
 log = logging.getLogger("substituter.fetch")
+
+_REALISED = Symbol("realised")
 
 #: NARs up to this size go from the verified transfer straight into the import, in memory.
 IN_MEMORY_NAR = 1024 * 1024
@@ -56,15 +59,15 @@ def parse_targets(args: Iterable[str], store_dir: str) -> list[str]:
 
 
 async def open_store(spec: str, store_dir: str, env: dict[str, str] | None = None) -> Store:
-    """``daemon`` (the system nix-daemon), ``unix://SOCKET``, or a directory (a chroot store)."""
+    """``daemon`` (the system nix-daemon), ``unix://SOCKET``, or a directory (a chroot store,
+    written through our own ``nix-daemon --stdio --store DIR``)."""
     from .store.daemon_client import DaemonStore
-    from .store.import_backend import ImportStore
 
     if spec == "daemon" or spec.startswith("unix://"):
         return await DaemonStore.connect(None if spec == "daemon" else spec, store_dir=store_dir)
     if spec.startswith(("/", "./", "../")) or spec.startswith("local?root="):
         root = spec.removeprefix("local?root=")
-        return ImportStore(Path(root).resolve(), env=env)
+        return await DaemonStore.spawn(Path(root).resolve(), store_dir=store_dir, env=env)
     raise FormatError(f"--store {spec!r}: use daemon, unix://SOCKET or a directory")
 
 
@@ -211,10 +214,10 @@ async def fetch_closure(runtime: Any, store: Store, roots: list[str], *, jobs: i
 
     def realised(path: str) -> None:
         """Tell the dataspace (and whoever watches it) that the path is now in this store."""
-        record = Realised(path, store_label)
+        record = Record(_REALISED, (path, store_label))  # preserve(Realised(…)), built directly
         Turn.external(runtime.facet, lambda: turn.publish(runtime.ds, record))
 
-    store_label = getattr(store, "socket_path", None) or getattr(store, "root", "store")
+    store_label = getattr(store, "root", None) or getattr(store, "socket_path", None) or "store"
 
     async def download(res: Resolution) -> bytes | None:
         """Small NARs: the verified bytes, kept in memory (no cache file written and read back);
@@ -259,7 +262,8 @@ async def fetch_closure(runtime: Any, store: Store, roots: list[str], *, jobs: i
     try:
         # One operation for the whole closure (one `nix-store --import`, or one daemon
         # AddMultipleToStore): references come first, each path is registered whole or not at all.
-        await store.add_multiple_to_store((to_path_info(resolved_info(r)), verified(r)) for r in order)
+        await store.add_multiple_to_store(((to_path_info(resolved_info(r)), verified(r)) for r in order),
+                                          dont_check_sigs=getattr(store, "private", False))
     except (FetchError, StoreError, SubstituterError) as exc:
         if not failures:
             failures["(import)"] = str(exc)

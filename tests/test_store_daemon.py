@@ -565,3 +565,50 @@ def test_private_daemon_serves_nix_clients(
         env=daemon.client_env(nix.env),
     )
     assert ping.returncode == 0, ping.stderr
+
+
+# ------------------------------------------------ our own nix-daemon --stdio for a chroot
+
+
+def chroot_valid(nix: Nix, root: Path, paths: list[str]) -> set[str]:
+    out = nix.text("nix-store", "--store", str(root), "--check-validity", "--print-invalid", *paths)
+    return set(paths) - set(out.split())
+
+
+@pytest.mark.nix
+async def test_spawned_daemon_writes_a_chroot_store_keeping_signatures(
+    nix: Nix, tmp_path: Path, signed_closure: list[DumpedPath]
+) -> None:
+    """`nix-daemon --stdio --store DIR` as our child: one process for queries and the import,
+    signatures kept (the key is trusted by nobody but the caller, hence dont_check_sigs), a
+    producer failing mid-NAR leaves that path absent and the next call starts a new child."""
+    root = tmp_path / "chroot"
+    paths = [d.info.store_path for d in signed_closure]
+    store = await DaemonStore.spawn(root, env=nix.env)
+    children = [store._conn.process if store._conn is not None else None]
+    try:
+        assert store.private and store.root == str(root)
+        assert await store.query_valid_paths(paths) == set()
+        first, rest = signed_closure[0], signed_closure[1:]
+        with pytest.raises(RuntimeError, match="mid-stream"):
+            await store.add_multiple_to_store([(first.info, failing_after(first.nar, 0.5))],
+                                              dont_check_sigs=True)
+        assert not await store.is_valid_path(first.info.store_path)
+        assert store.connection_count == 2  # a new child after the dropped connection
+        children.append(store._conn.process if store._conn is not None else None)
+        await store.add_multiple_to_store([(d.info, stream_file(d.nar)) for d in [first, *rest]],
+                                          dont_check_sigs=True)
+        got = await store.query_path_info(first.info.store_path)
+        assert got is not None and got.sigs == first.info.sigs and got.sigs
+    finally:
+        await store.close()
+    assert all(child is not None and child.returncode is not None for child in children), "reaped"
+    assert chroot_valid(nix, root, paths) == set(paths)
+
+
+@pytest.mark.nix
+async def test_spawned_daemon_that_cannot_open_the_store_says_why(nix: Nix, tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(StoreError, match="nix-daemon --stdio --store"):
+        await DaemonStore.spawn(not_a_dir / "store", env=nix.env)

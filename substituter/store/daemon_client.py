@@ -18,8 +18,10 @@ import asyncio
 import enum
 import logging
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+import socket
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -102,18 +104,28 @@ class _DaemonError(StoreError):
 
 
 class _Connection:
-    """One handshaken socket connection and the daemon's side of the handshake."""
+    """One handshaken connection and the daemon's side of the handshake.
+
+    ``socket_path`` names the peer in messages; ``process`` is set when the daemon is our own
+    child (``nix-daemon --stdio``), talking over a socket pair."""
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, socket_path: str
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        socket_path: str,
+        process: asyncio.subprocess.Process | None = None,
     ) -> None:
         self.writer = writer
         self.wire = wire.WireReader(reader, f"nix-daemon at {socket_path}")
         self.socket_path = socket_path
+        self.process = process
         self.version = 0
         self.nix_version: str | None = None
         self.trusted: bool | None = None
         self.features: frozenset[str] = frozenset()
+        self._stderr_tail = b""
+        self._stderr_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, socket_path: str) -> _Connection:
@@ -122,15 +134,66 @@ class _Connection:
         except OSError as exc:
             raise StoreError(f"cannot connect to nix-daemon at {socket_path}: {exc}") from exc
         conn = cls(reader, writer, socket_path)
-        try:
-            await conn._handshake()
-        except _DaemonError as exc:
-            conn.abort()
-            raise StoreError(f"nix-daemon at {socket_path} refused the connection: {exc}") from None
-        except BaseException:
-            conn.abort()
-            raise
+        await conn._start()
         return conn
+
+    @classmethod
+    async def spawn(cls, args: list[str], env: Mapping[str, str] | None, name: str) -> _Connection:
+        """Start ``nix-daemon --stdio …`` as our child, its stdin and stdout one end of a socket pair."""
+        ours, theirs = socket.socketpair()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *args, stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=asyncio.subprocess.PIPE,
+                env=None if env is None else dict(env),
+            )
+        except OSError as exc:
+            ours.close()
+            raise StoreError(f"cannot run {args[0]}: {exc}") from exc
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        conn = cls(reader, writer, name, process)
+        conn._stderr_task = asyncio.create_task(conn._drain_stderr())
+        await conn._start()
+        return conn
+
+    async def _drain_stderr(self) -> None:
+        """Keep the end of the child's stderr (for error messages) without ever blocking it."""
+        assert self.process is not None and self.process.stderr is not None
+        while chunk := await self.process.stderr.read(4096):
+            self._stderr_tail = (self._stderr_tail + chunk)[-2048:]
+
+    async def _start(self) -> None:
+        try:
+            await self._handshake()
+        except _DaemonError as exc:
+            await self._fail()
+            raise StoreError(f"nix-daemon at {self.socket_path} refused the connection: {exc}") from None
+        except ProtocolError as exc:
+            await self._fail()
+            detail = strip_ansi(self._stderr_tail.decode(errors="replace")).strip()
+            if detail:  # a child that died says why on its stderr
+                raise StoreError(f"{self.socket_path} failed: {detail}") from exc
+            raise
+        except BaseException:
+            await self._fail()
+            raise
+
+    async def _fail(self) -> None:
+        self.abort()
+        await self.reap()
+
+    async def reap(self, timeout: float = 10.0) -> None:
+        """Wait for our child daemon to exit (it does at end of input), killing it if it does not."""
+        if self.process is None:
+            return
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+        if self._stderr_task is not None:
+            await asyncio.wait([self._stderr_task], timeout=1.0)
 
     async def _handshake(self) -> None:
         await self.send(wire.u64(WORKER_MAGIC_1))
@@ -183,6 +246,7 @@ class _Connection:
             await self.writer.wait_closed()
         except OSError:
             pass  # the daemon hung up first; nothing is lost on close
+        await self.reap()
 
     async def read_stderr(self) -> None:
         """Consume log messages until LAST; raise _DaemonError for ERROR."""
@@ -269,15 +333,31 @@ async def _split(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes | memoryvi
 
 
 class DaemonStore:
-    """A Nix store reached through a nix-daemon socket. Use ``await DaemonStore.connect()``."""
+    """A Nix store reached through a nix-daemon: ``await DaemonStore.connect()`` for a socket,
+    ``await DaemonStore.spawn(DIR)`` for a (chroot) store served by our own ``nix-daemon --stdio``."""
 
-    def __init__(self, socket_path: str, conn: _Connection, store_dir: str) -> None:
+    def __init__(
+        self,
+        socket_path: str,
+        conn: _Connection,
+        store_dir: str,
+        *,
+        reconnect: Callable[[], Awaitable[_Connection]] | None = None,
+        root: str | None = None,
+    ) -> None:
         self.socket_path = socket_path
         self.store_dir = store_dir
+        #: The store's directory when we run its daemon ourselves (see :meth:`spawn`).
+        self.root = root
+        #: Ours alone (a chroot DIR): no other party's trust settings apply, so the caller's
+        #: own trust decision is the only signature check, as with ``nix-store --import``.
+        self.private = root is not None
         self._conn: _Connection | None = conn
+        self._reconnect = reconnect or (lambda: _Connection.open(socket_path))
         self.connection_count = 1  # connections opened so far, including reconnects
         self._lock = asyncio.Lock()
         self._closed = False
+        self._dropped: list[_Connection] = []  # aborted connections whose child is not yet reaped
         self.protocol_version = (conn.version >> 8, conn.version & 0xFF)
         self.nix_version = conn.nix_version
         self.trusted = conn.trusted  # None: the daemon (protocol < 1.35) does not say
@@ -294,6 +374,29 @@ class DaemonStore:
         """
         path = resolve_socket_path(socket_path)
         return cls(path, await _Connection.open(path), store_dir)
+
+    @classmethod
+    async def spawn(
+        cls,
+        root: str | os.PathLike[str],
+        *,
+        store_dir: str = DEFAULT_STORE_DIR,
+        env: Mapping[str, str] | None = None,
+        nix_bin: str | os.PathLike[str] | None = None,
+    ) -> DaemonStore:
+        """The store at ``root`` (``--store ROOT``, a chroot store), through ``nix-daemon --stdio``
+        run as our child: one process for every query and import, and the worker protocol keeps
+        signatures and CA, which ``nix-store --import`` drops.  The child runs as us, so it
+        treats us as trusted.  It exits when the connection closes."""
+        root = str(root)
+        daemon = str(Path(nix_bin) / "nix-daemon") if nix_bin else "nix-daemon"
+        args = [daemon, "--stdio", "--store", root]
+        name = f"nix-daemon --stdio --store {root}"
+
+        def start() -> Awaitable[_Connection]:
+            return _Connection.spawn(args, env, name)
+
+        return cls(name, await start(), store_dir, reconnect=start, root=root)
 
     async def __aenter__(self) -> Self:
         return self
@@ -312,6 +415,9 @@ class DaemonStore:
             if self._conn is not None:
                 conn, self._conn = self._conn, None
                 await conn.close()
+            dropped, self._dropped = self._dropped, []
+            for conn in dropped:
+                await conn.reap()
 
     @asynccontextmanager
     async def _operation(self) -> AsyncIterator[_Connection]:
@@ -320,7 +426,7 @@ class DaemonStore:
             raise StoreError(f"DaemonStore for {self.socket_path} is closed")
         async with self._lock:
             if self._conn is None:
-                self._conn = await _Connection.open(self.socket_path)
+                self._conn = await self._reconnect()
                 self.connection_count += 1
             conn = self._conn
             try:
@@ -330,6 +436,8 @@ class DaemonStore:
             except BaseException:
                 self._conn = None
                 conn.abort()
+                if conn.process is not None:
+                    self._dropped.append(conn)  # it exits at end of input; reaped on close()
                 raise
 
     async def is_valid_path(self, path: str) -> bool:
