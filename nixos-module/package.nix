@@ -54,14 +54,13 @@ py.buildPythonApplication {
   dependencies = [
     syndicate-py
     preserves
-    py.httpx
-    py.h2
     py.aiohttp
     py.zstandard
     py.brotli
     py.cryptography
     py.click
     py.prometheus-client
+    py.uvloop
   ];
 
   # The test suite needs real Nix, a nix-daemon and loopback servers; run `make test` instead.

@@ -435,3 +435,22 @@ async def test_daemon_capability_opens_the_generated_syndicate_server(
     finally:
         server.terminate()
         await server.wait()
+
+
+def test_package_nix_lists_exactly_the_runtime_dependencies() -> None:
+    """package.nix must follow pyproject's dependencies (a missing one breaks the NixOS
+    package at run time, an extra one drags in what nothing imports)."""
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    wanted = {re.split(r"[<>=;\s]", dep, maxsplit=1)[0].lower() for dep in declared}
+    text = (root / "nixos-module" / "package.nix").read_text()
+    block = text[text.index("py.buildPythonApplication"):]
+    block = block[block.index("dependencies = ["):]
+    block = block[:block.index("];")]
+    listed = {name.lower() for name in re.findall(r"py\.([A-Za-z0-9_-]+)", block)}
+    listed |= {"syndicate-py" for _ in re.findall(r"\bsyndicate-py\b", block)}
+    listed |= {"preserves" for _ in re.findall(r"^\s*preserves\s*$", block, re.M)}
+    assert listed == wanted
