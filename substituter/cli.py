@@ -54,6 +54,9 @@ def daemon(config_file: str | None, check_config: bool) -> None:
             click.echo(f"configuration OK: {len(config.fetchers)} fetcher(s), listen {config.listen}")
             return
         _setup_logging(config.log_level)
+        from .memory import tune_malloc
+
+        tune_malloc()  # before any worker thread exists (arenas are made per thread)
         Daemon(config).run()
     except (ConfigError, PluginError) as exc:
         raise click.UsageError(f"bad configuration: {exc}") from exc
