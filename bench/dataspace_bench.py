@@ -18,7 +18,9 @@ four times (want out, want in to the fetcher, available out, available in). Thre
               matched by one observer of ``<want ?h _>`` (so each also produces an event)
   round trip  a requester asserts ``<want h fetch>`` and waits (``during``) for
               ``<available h ...>``, which a fetcher actor observing ``<want ?h _>`` asserts;
-              p50 / p99 of that, one request at a time
+              p50 / p99 of that, one request at a time, and the CPU time each round trip
+              cost this process and the server process (steadier than latency on a
+              shared machine)
 
 Targets: >= 100k events/s in process, round trip p50 <= 0.2 ms in process and <= 1 ms over
 the relay. Not a test: it prints.
@@ -125,6 +127,17 @@ actor.System(loop=asyncio.new_event_loop()).run(boot, configure_logging=False)
 """
 
 _children: list[subprocess.Popen[bytes]] = []
+#: Server processes the current target runs on, for CPU time per round trip.
+_server_pids: list[int] = []
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """user + system CPU seconds of these processes so far (from /proc)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 @atexit.register
@@ -148,6 +161,7 @@ def relay(then: Callable[[Any], None]) -> None:
         stdout=subprocess.PIPE, env=env,
     )
     _children.append(server)
+    _server_pids[:] = [server.pid]
     assert server.stdout is not None
     if server.stdout.readline().strip() != b"ready":  # blocks this turn once, at start-up
         raise RuntimeError("relay server process did not start")
@@ -163,6 +177,8 @@ def syndicate_server(then: Callable[[Any], None]) -> None:
     server = SyndicateServer(Path(tempfile.mkdtemp(prefix="syndicate-bench-")), executable)
     server.start()
     atexit.register(server.stop)
+    if server._process is not None:
+        _server_pids[:] = [server._process.pid]
     _connected(server.unix_addr, server.cap, then)
 
 
@@ -276,10 +292,20 @@ class Latency:
     p50_ms: float
     p99_ms: float
     count: int
+    client_cpu_us: float  # CPU per round trip in this process (requester and fetcher)
+    server_cpu_us: float  # CPU per round trip in the server process, if any
+
+
 
 
 def bench_round_trip(target: Target, count: int) -> Latency:
     samples: list[float] = []
+    cpu_start: list[float] = []
+    cpu_end: list[float] = []
+    _server_pids.clear()
+
+    def cpu_now() -> list[float]:
+        return [time.process_time(), _cpu_seconds(_server_pids)]
 
     def boot() -> None:
         turn.prevent_inert_check()
@@ -302,7 +328,10 @@ def bench_round_trip(target: Target, count: int) -> Latency:
             turn.sync(ds, lambda: turn.sync(ds, lambda: request(ds, 0, next_request)))
 
         def request(ds: Any, n: int, next_request: Any) -> None:
+            if n == 0:
+                cpu_start[:] = cpu_now()
             if n == count:
+                cpu_end[:] = cpu_now()
                 turn.stop_actor()
                 return
             h = f"{n:032d}"
@@ -326,6 +355,8 @@ def bench_round_trip(target: Target, count: int) -> Latency:
         p50_ms=statistics.median(samples) * 1000,
         p99_ms=samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1000,
         count=len(samples),
+        client_cpu_us=(cpu_end[0] - cpu_start[0]) / count * 1e6,
+        server_cpu_us=(cpu_end[1] - cpu_start[1]) / count * 1e6,
     )
 
 
@@ -348,7 +379,9 @@ def main() -> None:
         rate = bench_turns(target, args.events)
         latency = bench_round_trip(target, args.round_trips)
         print(f"{name}: turns {rate:>12,.0f} events/s   round trip p50 {latency.p50_ms:.3f} ms"
-              f"  p99 {latency.p99_ms:.3f} ms  ({latency.count} requests)")
+              f"  p99 {latency.p99_ms:.3f} ms  ({latency.count} requests)"
+              f"  CPU per round trip: here {latency.client_cpu_us:.0f} us,"
+              f" server {latency.server_cpu_us:.0f} us")
 
 
 if __name__ == "__main__":
