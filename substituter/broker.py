@@ -27,6 +27,7 @@ from syndicate import patterns as P
 from syndicate.actor import Turn
 from syndicate.dataspace import during, observe
 
+from . import turns
 from .errors import ProtocolError
 from .fetcher_host import local_record
 from .metrics import Metrics
@@ -195,7 +196,7 @@ class Broker:
                                         reason=P.CAPTURE))(_Answers(self._decline_added, self._answer_removed))
 
     def _external(self, action: Callable[[], None]) -> None:
-        Turn.external(self.facet, action)
+        turns.external(self.facet, action)
 
     # --- demand ----------------------------------------------------------------------------
 
@@ -257,9 +258,8 @@ class Broker:
         for answer in list(self._answers_by_hash.get(hash_part, {}).values()):
             self._apply(active, answer)
         active.expires = time.monotonic() + self.linger
-        loop = asyncio.get_running_loop()
-        loop.call_later(self.locate_timeout, lambda: self._external(lambda: self._deadline(hash_part, active)))
-        loop.call_later(self.linger, lambda: self._external(lambda: self._maybe_expire(hash_part, active)))
+        turns.later(self.facet, self.locate_timeout, lambda: self._deadline(hash_part, active))
+        turns.later(self.facet, self.linger, lambda: self._maybe_expire(hash_part, active))
         self._check(hash_part)
 
     # --- answers ---------------------------------------------------------------------------
@@ -358,9 +358,7 @@ class Broker:
             return
         remaining = active.expires - time.monotonic()
         if remaining > 0 or active.waiters:
-            asyncio.get_running_loop().call_later(
-                max(remaining, 0.1), lambda: self._external(lambda: self._maybe_expire(hash_part, active))
-            )
+            turns.later(self.facet, max(remaining, 0.1), lambda: self._maybe_expire(hash_part, active))
             return
         del self._active[hash_part]
         for handle in active.wants or ():

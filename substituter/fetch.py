@@ -23,8 +23,8 @@ from typing import Any, TextIO
 
 from preserves import Record, Symbol
 from syndicate import turn
-from syndicate.actor import Turn
 
+from . import turns
 from .broker import Resolution
 from .errors import FetchError, FormatError, StoreError, SubstituterError
 from .nix.narinfo import NarInfo
@@ -215,7 +215,7 @@ async def fetch_closure(runtime: Any, store: Store, roots: list[str], *, jobs: i
     def realised(path: str) -> None:
         """Tell the dataspace (and whoever watches it) that the path is now in this store."""
         record = Record(_REALISED, (path, store_label))  # preserve(Realised(…)), built directly
-        Turn.external(runtime.facet, lambda: turn.publish(runtime.ds, record))
+        turns.external(runtime.facet, lambda: turn.publish(runtime.ds, record))
 
     store_label = getattr(store, "root", None) or getattr(store, "socket_path", None) or "store"
 

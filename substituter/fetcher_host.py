@@ -21,6 +21,7 @@ from syndicate import actor, turn
 from syndicate import patterns as P
 from syndicate.dataspace import observe
 
+from . import turns
 from .errors import SubstituterError
 from .nix.store_path import validate_hash_part
 from .plugin import Answer, Fetcher, Offer, Unavailable
@@ -153,7 +154,7 @@ class FetcherHost:
     async def _answer(self, answering: _Answering) -> None:
         result = await locate_with_policy(self.fetcher, answering.hash_part, self.locate_timeout)
         if not answering.gone:
-            turn.external(self.facet, lambda: self._publish(answering, result))
+            turns.external(self.facet, lambda: self._publish(answering, result))
 
     def _publish(self, answering: _Answering, answer: Answer) -> None:
         if answering.gone:
