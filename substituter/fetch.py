@@ -299,9 +299,11 @@ def run_fetch(config: Any, targets: list[str], store_spec: str, *, jobs: int = 8
             except (RuntimeError, ValueError):
                 pass
         store: Store | None = None
+        # The store (for a DIR, our own nix-daemon starting) comes up while the fetchers do.
+        opening = asyncio.ensure_future(open_store(store_spec, config.store_dir))
         try:
             await runtime.start()
-            store = await open_store(store_spec, config.store_dir)
+            store = await opening
             plan, failures = await fetch_closure(runtime, store, targets, jobs=jobs, progress=Progress(out))
             for hash_part, reason in sorted(plan.missing.items()):
                 print(f"error: {hash_part}: not found: {reason}", file=out)
@@ -319,6 +321,11 @@ def run_fetch(config: Any, targets: list[str], store_spec: str, *, jobs: int = 8
         except OSError as exc:
             print(f"error: {exc}", file=out)
         finally:
+            if store is None:
+                opening.cancel()
+                await asyncio.wait([opening])
+                if not opening.cancelled() and opening.exception() is None:
+                    store = opening.result()  # opened while the runtime failed to start
             if store is not None:
                 await store.close()
             await runtime.stop()
