@@ -49,7 +49,7 @@ _unpack_double = struct.Struct(">d").unpack
 
 
 class _Unusual(Exception):
-    """The fast reader gives up (short input, a rare form, or an error): preserves decides."""
+    """The fast reader gives up (a rare form, or an error): preserves decides."""
 
 
 # Symbols repeat on every packet (labels); sharing them saves an allocation per use. Bounded,
@@ -69,7 +69,12 @@ def _symbol(name: str) -> Symbol:
 
 def _read(buf: bytearray, i: int, embedded: Any) -> tuple[Any, int]:
     """The value starting at ``buf[i]`` and the index after it; as preserves' ``Decoder.next``
-    with annotations dropped. IndexError when ``buf`` ends early."""
+    with annotations dropped.
+
+    IndexError only when ``buf`` ends before the value does, and then everything before was
+    well-formed in a way preserves' ``skip_value`` accepts too (this accepts fewer tags than
+    it), so preserves would also find the value incomplete.
+    """
     tag = buf[i]
     i += 1
     if tag == 0xB5 or tag == 0xB4 or tag == 0xB6 or tag == 0xB7:
@@ -105,7 +110,7 @@ def _read(buf: bytearray, i: int, embedded: Any) -> tuple[Any, int]:
                 shift += 7
         end = i + n
         if end > len(buf):
-            raise _Unusual
+            raise IndexError
         if tag == 0xB0:
             return int.from_bytes(buf[i:end], "big", signed=True), end
         if tag == 0xB1:
@@ -115,7 +120,11 @@ def _read(buf: bytearray, i: int, embedded: Any) -> tuple[Any, int]:
         return bytes(buf[i:end]), end
     if tag == 0x86:
         inner, i = _read(buf, i, embedded)
-        return Embedded(embedded(inner)), i
+        try:
+            ref = embedded(inner)
+        except Exception as exc:  # noqa: BLE001 - never mistaken for short input
+            raise _Unusual from exc
+        return Embedded(ref), i
     if tag == 0x80:
         return False, i
     if tag == 0x81:
@@ -136,7 +145,9 @@ def next_value(decoder: Decoder, embedded: Any = None) -> Any:
     start = decoder.index
     try:
         value, end = _read(decoder.packet, start, embedded or decoder.decode_embedded)
-    except Exception:  # noqa: BLE001 - short, unusual or malformed: the generic reader decides
+    except IndexError:  # incomplete (see _read); not scanned a second time
+        return None
+    except Exception:  # noqa: BLE001 - unusual or malformed: the generic reader decides
         decoder.index = start
         if not decoder.complete_value_available():
             return None
