@@ -6,11 +6,12 @@ allocates gets an arena of its own (up to 8 per core), a freed buffer goes back 
 came from, and the dynamic mmap threshold soon rises above the buffer size: the buffers then
 live in several arenas whose free space stays resident and is not shared (~20 MiB of free heap
 while a 1 GiB NAR streamed).  One arena and a fixed mmap threshold above the buffer size keep
-the reuse in one heap, with fewer page faults too (daemon_bench --rss, median of 4 interleaved
-runs: peak VmHWM 91 -> 81 MiB, daemon CPU 3.7 -> 3.5 s).
+the reuse in one heap; a fixed threshold also stops one big buffer (a spooled NAR of tens of
+MiB) from raising the threshold and the trim threshold for good.
 
 Only glibc is touched (musl and others: nothing happens); a variable the user set in the
-environment (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``, or ``GLIBC_TUNABLES``) wins.
+environment (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, or
+``GLIBC_TUNABLES``) wins.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 
-__all__ = ["ARENA_MAX", "MMAP_THRESHOLD", "tune_malloc"]
+__all__ = ["ARENA_MAX", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "tune_malloc"]
 
 log = logging.getLogger("substituter.memory")
 
 #: mallopt parameter numbers from glibc's <malloc.h>.
+M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 
@@ -33,6 +35,10 @@ ARENA_MAX = 1
 #: Above the pipeline's buffers (about 1 MiB at most), so they are reused from the heap instead
 #: of being mapped and faulted in afresh each time; fixing it also stops glibc's dynamic raise.
 MMAP_THRESHOLD = 2 << 20
+#: Fixing the mmap threshold also fixes the trim threshold (glibc's default 128 KiB): the heap's
+#: top would be returned and faulted in again for every few buffers.  Twice the mmap threshold,
+#: as glibc's own dynamic rule would set it (page faults as without the settings).
+TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
 
 
 def tune_malloc(environ: Mapping[str, str] | None = None) -> dict[str, int]:
@@ -47,6 +53,7 @@ def tune_malloc(environ: Mapping[str, str] | None = None) -> dict[str, int]:
     for name, param, value in (
         ("MALLOC_ARENA_MAX", M_ARENA_MAX, ARENA_MAX),
         ("MALLOC_MMAP_THRESHOLD_", M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        ("MALLOC_TRIM_THRESHOLD_", M_TRIM_THRESHOLD, TRIM_THRESHOLD),
     ):
         if name in env:
             continue
