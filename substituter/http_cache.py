@@ -23,8 +23,8 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["Narinfos", "make_app", "nar_url"]
 
 log = logging.getLogger("substituter.http")
+T = TypeVar("T")
 
 _NIX32 = "0123456789abcdfghijklmnpqrsvwxyz"
 _HASH_PART = re.compile(f"[{_NIX32}]{{32}}")
@@ -82,12 +83,13 @@ def served_narinfo(info: NarInfo, cached: CachedNar | None) -> bytes:
 class _Served:
     """What is derived from one narinfo object for serving it (kept with the object itself)."""
 
-    __slots__ = ("info", "nar_hash", "bodies")
+    __slots__ = ("info", "nar_hash", "bodies", "answers")
 
     def __init__(self, info: NarInfo) -> None:
         self.info = info  # holds the object, so its id() is not reused while this entry lives
         self.nar_hash = info.nar_hash.nix32()
         self.bodies: dict[int, bytes] = {}
+        self.answers: dict[int, Prebuilt] = {}  # the same, as whole responses
 
 
 #: Rendered narinfos by ``id(info)``, oldest first; bounded so old resolutions can go.
@@ -108,20 +110,16 @@ def _not_found(reason: str) -> web.Response:
     return web.Response(status=404, text=reason + "\n", headers=NO_STORE)
 
 
-#: How long a narinfo answer is reused without asking the broker again.  The broker's answer for
-#: a decided demand is its current ranking; within this window a withdrawn offer or a source just
-#: found bad may still be named, as if the request had come that much earlier.  Asking again once
-#: per window also keeps the broker's demand (and its linger) alive while the path is in use.
-WARM_SECONDS = 1.0
-WARM_ENTRIES = 8192
 NARINFO_CACHE_CONTROL = "max-age=86400"
 
 
 class Narinfos:
     """Narinfo and nix-cache-info answers as prebuilt responses, for the front and for aiohttp.
 
-    Hits are remembered per hash part for :data:`WARM_SECONDS`, so a path asked for again (Nix
-    sends HEAD then GET, many clients share a closure) is a dict hit, not a broker round.
+    Every narinfo request asks the broker, as it always did, but without a task: the broker's
+    ``resolve`` coroutine is stepped right away and, for a path already decided (it returns
+    without waiting), the answer is ready in the same call.  Only a path still being located
+    continues as a coroutine.
     """
 
     def __init__(self, daemon: Daemon) -> None:
@@ -130,7 +128,6 @@ class Narinfos:
         info = f"StoreDir: {config.store_dir}\nWantMassQuery: 1\nPriority: {config.priority}\n"
         self._cache_info = prebuilt(200, "text/x-nix-cache-info; charset=utf-8", NARINFO_CACHE_CONTROL,
                                     info.encode())
-        self._warm: dict[str, tuple[float, Prebuilt]] = {}
         metrics = daemon.metrics
         self._hits = metrics.narinfo_requests.labels("hit")
         self._misses = metrics.narinfo_requests.labels("miss")
@@ -139,35 +136,57 @@ class Narinfos:
     def cache_info(self) -> Prebuilt:
         return self._cache_info
 
-    def warm(self, hash_part: str) -> Prebuilt | None:
-        entry = self._warm.get(hash_part)
-        if entry is None or entry[0] < time.monotonic():
-            return None
-        self._hits.inc()
-        self._latency.observe(0.0)  # answered from memory: nothing waited for
-        return entry[1]
-
-    async def narinfo(self, hash_part: str) -> Prebuilt:
-        """Ask the broker (``hash_part`` must be valid nix32): the narinfo, or a 404 saying why."""
-        daemon = self.daemon
+    def narinfo(self, hash_part: str) -> Prebuilt | Awaitable[Prebuilt]:
+        """The answer for a valid nix32 hash part (the narinfo, or a 404 saying why): right away
+        when the broker has decided, else an awaitable of it."""
         started = time.monotonic()
-        res = await daemon.broker.resolve(hash_part, "query")
-        now = time.monotonic()
-        self._latency.observe(now - started)
-        if res.info is None:
+        resolving = self.daemon.broker.resolve(hash_part, "query")
+        try:
+            waiting_on = resolving.send(None)
+        except StopIteration as done:
+            return self._answer(hash_part, done.value, started)
+        return self._later(resolving, waiting_on, hash_part, started)
+
+    async def _later(self, resolving: Coroutine[Any, Any, Resolution], waiting_on: Any, hash_part: str,
+                     started: float) -> Prebuilt:
+        return self._answer(hash_part, await _resume(resolving, waiting_on), started)
+
+    def _answer(self, hash_part: str, res: Resolution, started: float) -> Prebuilt:
+        self._latency.observe(time.monotonic() - started)
+        info = res.info
+        if info is None:
             self._misses.inc()
             log.info("%s.narinfo: not found (%s)", hash_part, res.reason)
             return prebuilt(404, "text/plain; charset=utf-8", "no-store", f"{hash_part}: {res.reason}\n".encode())
         self._hits.inc()
-        cache = daemon.nars.cache
-        cached = cache.get(_served_entry(res.info).nar_hash) if cache is not None else None
-        answer = prebuilt(200, NARINFO_TYPE, NARINFO_CACHE_CONTROL, served_narinfo(res.info, cached))
-        warm = self._warm
-        warm.pop(hash_part, None)  # re-inserted last: the dict's order is the expiry order
-        warm[hash_part] = (now + WARM_SECONDS, answer)
-        if len(warm) > WARM_ENTRIES:
-            del warm[next(iter(warm))]
+        entry = _served_entry(info)
+        cache = self.daemon.nars.cache
+        cached = cache.get(entry.nar_hash) if cache is not None else None
+        state = -1 if cached is None else cached.file_size
+        answer = entry.answers.get(state)
+        if answer is None:
+            answer = entry.answers[state] = prebuilt(200, NARINFO_TYPE, NARINFO_CACHE_CONTROL,
+                                                     served_narinfo(info, cached))
         return answer
+
+
+async def _resume(coro: Coroutine[Any, Any, T], waiting_on: Any) -> T:
+    """Run a coroutine whose first step already ran (and yielded ``waiting_on``) to its end, as
+    an asyncio task would: resume it each time what it waits for is done."""
+    try:
+        while True:
+            if isinstance(waiting_on, asyncio.Future):
+                waiting_on._asyncio_future_blocking = False  # as Task does before waiting
+                await asyncio.wait((waiting_on,))  # done or failed: the coroutine reads the outcome
+            else:  # a bare yield (asyncio.sleep(0)): just give the loop a turn
+                await asyncio.sleep(0)
+            try:
+                waiting_on = coro.send(None)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+    except BaseException:
+        coro.close()  # cancelled (the front's connection went) or failed: finish it, not leak it
+        raise
 
 
 NARINFOS: web.AppKey[Narinfos] = web.AppKey("narinfos")
@@ -186,8 +205,9 @@ async def narinfo(request: web.Request) -> web.Response:
     hash_part = request.match_info["hash"]
     if not _HASH_PART.fullmatch(hash_part):
         return _not_found("not a store path hash")
-    narinfos = request.app[NARINFOS]
-    answer = narinfos.warm(hash_part) or await narinfos.narinfo(hash_part)
+    answer = request.app[NARINFOS].narinfo(hash_part)
+    if not isinstance(answer, Prebuilt):
+        answer = await answer
     return _response(answer)
 
 

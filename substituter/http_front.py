@@ -3,8 +3,9 @@
 Nix asks for narinfos one small request at a time over keep-alive connections; through aiohttp
 each costs a Request, a Response and a handler task (~50 µs of one event loop).  The front reads
 the connection itself and answers complete ``GET|HEAD /<hash>.narinfo`` and ``/nix-cache-info``
-requests from prebuilt bytes (a resolved narinfo without awaiting anything; an unresolved one
-after one await, later requests waiting their turn), all answers of one read in one write.
+requests from prebuilt bytes: a narinfo the broker has decided without awaiting anything, one
+still being located after an await (later requests wait their turn); all answers of one read in
+one write.
 
 Anything else -- a NAR, ``/metrics``, a request with a body or with ``Connection``/``Expect``/
 ``Upgrade`` headers, HTTP/1.0, anything malformed -- hands the connection, at a request boundary
@@ -26,18 +27,34 @@ __all__ = ["Answers", "FrontServer", "Prebuilt", "prebuilt"]
 
 log = logging.getLogger("substituter.http")
 
-#: A request head the front answers itself: GET/HEAD of exactly these targets, HTTP/1.1, every
-#: line CRLF-terminated, header names tokens, values without control characters but tab.
-_LINE = rb"(GET|HEAD) /(?:([0-9a-df-np-sv-z]{32})\.narinfo|nix-cache-info) HTTP/1\.1\r\n"
-_REQUEST = re.compile(_LINE + rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*\r\n")
-_REQUEST_LINE = re.compile(_LINE)
+#: A request line the front answers itself: GET/HEAD of exactly these targets, HTTP/1.1.
+_REQUEST_LINE = re.compile(rb"(GET|HEAD) /(?:([0-9a-df-np-sv-z]{32})\.narinfo|nix-cache-info) HTTP/1\.1\r\n")
+#: Header lines it accepts: CRLF-terminated, names tokens, values without control characters
+#: but tab (what aiohttp's parser accepts, minus anything doubtful).
+_HEADER_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*\r\n")
+_HEADER_NAME = re.compile(rb"(?:^|\n)([^:\r\n]+):")
 #: Headers that change framing or connection handling: such requests go to aiohttp.
-_SPECIAL = re.compile(rb"\n(?:content-length|transfer-encoding|connection|expect|upgrade|te)[ \t]*:",
-                      re.IGNORECASE)
+_SPECIAL = frozenset({"content-length", "transfer-encoding", "connection", "expect", "upgrade", "te"})
+#: Headers aiohttp refuses to see twice (its parser's list): a request repeating one goes there.
+_SINGLETONS = frozenset({"content-location", "content-range", "content-type", "etag", "host", "max-forwards",
+                         "server", "user-agent"})
 #: The end of a head, also with bare LFs (then not ours, but complete: hand it on now).
 _HEAD_END = re.compile(rb"\n\r?\n")
 #: The longest request line of ours (HEAD of a narinfo).
 _MAX_LINE = 60
+_VERDICTS = 256
+
+
+def _headers_ours(block: bytes) -> bool:
+    """Whether a request's header lines (and blank line) are ones the front may answer: well
+    formed, one Host (HTTP/1.1 needs it), no repeated singleton, nothing about framing."""
+    if not _HEADER_LINES.fullmatch(block):
+        return False
+    names = [name.decode("latin-1").lower() for name in _HEADER_NAME.findall(block)]
+    if names.count("host") != 1 or not _SPECIAL.isdisjoint(names):
+        return False
+    singletons = [name for name in names if name in _SINGLETONS]
+    return len(singletons) == len(set(singletons))
 #: A head longer than this without an end is not a request of ours.
 MAX_HEAD = 16 * 1024
 #: Unanswered input buffered while a lookup is pending before reading pauses.
@@ -72,11 +89,8 @@ class Answers(Protocol):
 
     def cache_info(self) -> Prebuilt: ...
 
-    def warm(self, hash_part: str) -> Prebuilt | None:
-        """The answer for a path resolved moments ago, or None (then :meth:`narinfo`)."""
-
-    def narinfo(self, hash_part: str) -> Awaitable[Prebuilt]:
-        """The answer after asking the broker (a hit or a 404)."""
+    def narinfo(self, hash_part: str) -> Prebuilt | Awaitable[Prebuilt]:
+        """The answer (a hit or a 404): right away if it is known, else an awaitable of it."""
 
 
 class FrontServer:
@@ -87,6 +101,7 @@ class FrontServer:
         self.answers = answers
         self.fallback = fallback
         self.connections: set[FrontProtocol] = set()
+        self.verdicts: dict[bytes, bool] = {}  # header lines -> whether the front answers them
         self.closing = False
         self._date = b""
         self._date_until = 0.0
@@ -198,8 +213,19 @@ class FrontProtocol(asyncio.Protocol):
                     return
                 break
             stop = end.end()
-            m = _REQUEST.fullmatch(buf, pos, stop)
-            if m is None or _SPECIAL.search(buf, pos, stop):
+            m = _REQUEST_LINE.match(buf, pos, stop)
+            if m is None:
+                self._hand_off(out, buf[pos:])
+                return
+            # A client sends the same header lines with every request: judged once per client.
+            block = buf[m.end():stop]
+            verdicts = self.server.verdicts
+            ours = verdicts.get(block)
+            if ours is None:
+                ours = verdicts[block] = _headers_ours(block)
+                if len(verdicts) > _VERDICTS:
+                    del verdicts[next(iter(verdicts))]
+            if not ours:
                 self._hand_off(out, buf[pos:])
                 return
             head_only = m.group(1) == b"HEAD"
@@ -208,14 +234,14 @@ class FrontProtocol(asyncio.Protocol):
             if hash_part is None:
                 answer = answers.cache_info()
             else:
-                warm = answers.warm(hash_part.decode("ascii"))
-                if warm is None:
-                    # Wait for the broker; the rest of the buffer waits its turn.
+                found = answers.narinfo(hash_part.decode("ascii"))
+                if not isinstance(found, Prebuilt):
+                    # Still being located: the rest of the buffer waits its turn.
                     self.buffer = buf[pos:]
                     self._write(out)
-                    self.pending = asyncio.ensure_future(self._lookup(hash_part.decode("ascii"), head_only))
+                    self.pending = asyncio.ensure_future(self._wait(found, head_only))
                     return
-                answer = warm
+                answer = found
             out.append(answer.head)
             out.append(self.server.date())
             if not head_only:
@@ -232,12 +258,12 @@ class FrontProtocol(asyncio.Protocol):
         if out and self.transport is not None:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
-    async def _lookup(self, hash_part: str, head_only: bool) -> None:
+    async def _wait(self, found: Awaitable[Prebuilt], head_only: bool) -> None:
         try:
-            answer = await self.server.answers.narinfo(hash_part)
+            answer = await found
         except Exception:
             # A bug, not a missing path: never guess an answer Nix would remember.
-            log.exception("answering %s.narinfo", hash_part)
+            log.exception("answering a narinfo request")
             self.pending = None
             self.close()
             return
