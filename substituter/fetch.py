@@ -19,23 +19,20 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from preserves import Record, Symbol
-from syndicate import turn
-
-from . import turns
-from .broker import Resolution
 from .errors import FetchError, FormatError, StoreError, SubstituterError
-from .nix.narinfo import NarInfo
 from .nix.store_path import StorePath, validate_hash_part
 from .store.base import PathInfo, Store
 
-__all__ = ["FetchPlan", "Progress", "fetch_closure", "open_store", "parse_targets"]
+if TYPE_CHECKING:  # imported where used: `run_fetch` starts a chroot's daemon before them
+    from .broker import Resolution
+    from .nix.narinfo import NarInfo
+    from .store.daemon_client import StartedDaemon
+
+__all__ = ["FetchPlan", "Progress", "fetch_closure", "open_store", "parse_targets", "start_store"]
 
 log = logging.getLogger("substituter.fetch")
-
-_REALISED = Symbol("realised")
 
 #: NARs up to this size go from the verified transfer straight into the import, in memory.
 IN_MEMORY_NAR = 1024 * 1024
@@ -58,16 +55,31 @@ def parse_targets(args: Iterable[str], store_dir: str) -> list[str]:
     return hashes
 
 
-async def open_store(spec: str, store_dir: str, env: dict[str, str] | None = None) -> Store:
+def _chroot_root(spec: str) -> Path | None:
+    if spec.startswith(("/", "./", "../")) or spec.startswith("local?root="):
+        return Path(spec.removeprefix("local?root=")).resolve()
+    return None
+
+
+def start_store(spec: str, env: dict[str, str] | None = None) -> StartedDaemon | None:
+    """For a directory, start its ``nix-daemon --stdio`` now (pass it to :func:`open_store`)."""
+    from .store.daemon_client import DaemonStore
+
+    root = _chroot_root(spec)
+    return None if root is None else DaemonStore.start(root, env=env)
+
+
+async def open_store(spec: str, store_dir: str, env: dict[str, str] | None = None,
+                     started: StartedDaemon | None = None) -> Store:
     """``daemon`` (the system nix-daemon), ``unix://SOCKET``, or a directory (a chroot store,
-    written through our own ``nix-daemon --stdio --store DIR``)."""
+    written through our own ``nix-daemon --stdio --store DIR``, perhaps ``started`` already)."""
     from .store.daemon_client import DaemonStore
 
     if spec == "daemon" or spec.startswith("unix://"):
         return await DaemonStore.connect(None if spec == "daemon" else spec, store_dir=store_dir)
-    if spec.startswith(("/", "./", "../")) or spec.startswith("local?root="):
-        root = spec.removeprefix("local?root=")
-        return await DaemonStore.spawn(Path(root).resolve(), store_dir=store_dir, env=env)
+    root = _chroot_root(spec)
+    if root is not None:
+        return await DaemonStore.spawn(root, store_dir=store_dir, env=env, started=started)
     raise FormatError(f"--store {spec!r}: use daemon, unix://SOCKET or a directory")
 
 
@@ -196,6 +208,11 @@ async def resolve_closure(runtime: Any, store: Store, roots: list[str], store_di
 async def fetch_closure(runtime: Any, store: Store, roots: list[str], *, jobs: int = 8,
                         progress: Progress | None = None) -> tuple[FetchPlan, dict[str, str]]:
     """Fetch and import; returns the plan and failures by store path (empty when all went in)."""
+    from preserves import Record, Symbol
+    from syndicate import turn
+
+    from . import turns
+
     progress = progress or Progress()
     plan = await resolve_closure(runtime, store, roots, runtime.config.store_dir)
     order = plan.topological()
@@ -214,7 +231,7 @@ async def fetch_closure(runtime: Any, store: Store, roots: list[str], *, jobs: i
 
     def realised(path: str) -> None:
         """Tell the dataspace (and whoever watches it) that the path is now in this store."""
-        record = Record(_REALISED, (path, store_label))  # preserve(Realised(…)), built directly
+        record = Record(Symbol("realised"), (path, store_label))  # preserve(Realised(…)), built directly
         turns.external(runtime.facet, lambda: turn.publish(runtime.ds, record))
 
     store_label = getattr(store, "root", None) or getattr(store, "socket_path", None) or "store"
@@ -278,6 +295,21 @@ async def fetch_closure(runtime: Any, store: Store, roots: list[str], *, jobs: i
 def run_fetch(config: Any, targets: list[str], store_spec: str, *, jobs: int = 8,
               require_sigs: bool = True, out: TextIO = sys.stderr) -> int:
     """The whole `substituter fetch`: returns the exit code (0 all present, 1 failures)."""
+    # A chroot's nix-daemon starts first and comes up while the rest is imported and set up.
+    try:
+        started = start_store(store_spec)
+    except SubstituterError as exc:
+        print(f"error: {exc}", file=out)
+        return 1
+    try:
+        return _run_fetch(config, targets, store_spec, started, jobs=jobs, require_sigs=require_sigs, out=out)
+    finally:
+        if started is not None:
+            started.kill()  # only does something when nothing attached to it
+
+
+def _run_fetch(config: Any, targets: list[str], store_spec: str, started: StartedDaemon | None, *,
+               jobs: int, require_sigs: bool, out: TextIO) -> int:
     import signal
 
     from syndicate import actor, turn
@@ -300,7 +332,7 @@ def run_fetch(config: Any, targets: list[str], store_spec: str, *, jobs: int = 8
                 pass
         store: Store | None = None
         # The store (for a DIR, our own nix-daemon starting) comes up while the fetchers do.
-        opening = asyncio.ensure_future(open_store(store_spec, config.store_dir))
+        opening = asyncio.ensure_future(open_store(store_spec, config.store_dir, started=started))
         try:
             await runtime.start()
             store = await opening

@@ -585,7 +585,7 @@ async def test_spawned_daemon_writes_a_chroot_store_keeping_signatures(
     root = tmp_path / "chroot"
     paths = [d.info.store_path for d in signed_closure]
     store = await DaemonStore.spawn(root, env=nix.env)
-    children = [store._conn.process if store._conn is not None else None]
+    children = [store._conn.child.process if store._conn is not None and store._conn.child else None]
     try:
         assert store.private and store.root == str(root)
         assert await store.query_valid_paths(paths) == set()
@@ -595,7 +595,7 @@ async def test_spawned_daemon_writes_a_chroot_store_keeping_signatures(
                                               dont_check_sigs=True)
         assert not await store.is_valid_path(first.info.store_path)
         assert store.connection_count == 2  # a new child after the dropped connection
-        children.append(store._conn.process if store._conn is not None else None)
+        children.append(store._conn.child.process if store._conn is not None and store._conn.child else None)
         await store.add_multiple_to_store([(d.info, stream_file(d.nar)) for d in [first, *rest]],
                                           dont_check_sigs=True)
         got = await store.query_path_info(first.info.store_path)

@@ -19,6 +19,8 @@ import enum
 import logging
 import os
 import socket
+import subprocess
+import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -37,7 +39,7 @@ from substituter.store.base import (
     strip_ansi,
 )
 
-__all__ = ["DEFAULT_SOCKET", "DaemonStore", "resolve_socket_path"]
+__all__ = ["DEFAULT_SOCKET", "DaemonStore", "StartedDaemon", "resolve_socket_path"]
 
 log = logging.getLogger(__name__)
 
@@ -103,29 +105,85 @@ class _DaemonError(StoreError):
     """Internal marker: the daemon reported an error and the stream is still in sync."""
 
 
+class StartedDaemon:
+    """A ``nix-daemon --stdio`` child started (synchronously, so it can come up while the caller
+    still imports or sets up), its stdin and stdout one end of a socket pair; attach with
+    :meth:`DaemonStore.spawn`.  Its stderr goes to a temporary file, read only to explain a
+    failure."""
+
+    def __init__(self, args: list[str], env: Mapping[str, str] | None, name: str) -> None:
+        self.args, self.env, self.name = args, env, name
+        self._sock, theirs = socket.socketpair()
+        self._stderr = tempfile.TemporaryFile()
+        self._stderr_tail = ""
+        try:
+            self.process = subprocess.Popen(
+                args, stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=self._stderr,
+                env=None if env is None else dict(env),
+            )
+        except OSError as exc:
+            self._sock.close()
+            self._stderr.close()
+            raise StoreError(f"cannot run {args[0]}: {exc}") from exc
+        finally:
+            theirs.close()
+
+    def again(self) -> StartedDaemon:
+        """A new child like this one (after a connection was dropped)."""
+        return StartedDaemon(self.args, self.env, self.name)
+
+    def stderr_text(self) -> str:
+        """The end of what the child wrote to stderr (complete once it has been reaped)."""
+        if not self._stderr.closed:
+            self._stderr.seek(0)
+            self._stderr_tail = strip_ansi(self._stderr.read()[-2048:].decode(errors="replace")).strip()
+        return self._stderr_tail
+
+    def kill(self) -> None:
+        """Stop an unused child (and release its pipes)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._sock.close()
+        self._stderr.close()
+
+    async def reap(self, timeout: float = 10.0) -> None:
+        """Wait for the child to exit (it does at end of input), killing it if it does not."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.001
+        while self.process.poll() is None:
+            if loop.time() > deadline:
+                self.process.kill()
+                self.process.wait()
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        self.stderr_text()  # kept for an error message
+        self._stderr.close()
+
+
 class _Connection:
     """One handshaken connection and the daemon's side of the handshake.
 
-    ``socket_path`` names the peer in messages; ``process`` is set when the daemon is our own
-    child (``nix-daemon --stdio``), talking over a socket pair."""
+    ``socket_path`` names the peer in messages; ``child`` is set when the daemon is our own
+    ``nix-daemon --stdio``."""
 
     def __init__(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         socket_path: str,
-        process: asyncio.subprocess.Process | None = None,
+        child: StartedDaemon | None = None,
     ) -> None:
         self.writer = writer
         self.wire = wire.WireReader(reader, f"nix-daemon at {socket_path}")
         self.socket_path = socket_path
-        self.process = process
+        self.child = child
         self.version = 0
         self.nix_version: str | None = None
         self.trusted: bool | None = None
         self.features: frozenset[str] = frozenset()
-        self._stderr_tail = b""
-        self._stderr_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, socket_path: str) -> _Connection:
@@ -138,30 +196,12 @@ class _Connection:
         return conn
 
     @classmethod
-    async def spawn(cls, args: list[str], env: Mapping[str, str] | None, name: str) -> _Connection:
-        """Start ``nix-daemon --stdio …`` as our child, its stdin and stdout one end of a socket pair."""
-        ours, theirs = socket.socketpair()
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *args, stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=asyncio.subprocess.PIPE,
-                env=None if env is None else dict(env),
-            )
-        except OSError as exc:
-            ours.close()
-            raise StoreError(f"cannot run {args[0]}: {exc}") from exc
-        finally:
-            theirs.close()
-        reader, writer = await asyncio.open_unix_connection(sock=ours)
-        conn = cls(reader, writer, name, process)
-        conn._stderr_task = asyncio.create_task(conn._drain_stderr())
+    async def attach(cls, child: StartedDaemon) -> _Connection:
+        """Handshake with a started ``nix-daemon --stdio`` child."""
+        reader, writer = await asyncio.open_unix_connection(sock=child._sock)
+        conn = cls(reader, writer, child.name, child)
         await conn._start()
         return conn
-
-    async def _drain_stderr(self) -> None:
-        """Keep the end of the child's stderr (for error messages) without ever blocking it."""
-        assert self.process is not None and self.process.stderr is not None
-        while chunk := await self.process.stderr.read(4096):
-            self._stderr_tail = (self._stderr_tail + chunk)[-2048:]
 
     async def _start(self) -> None:
         try:
@@ -171,7 +211,7 @@ class _Connection:
             raise StoreError(f"nix-daemon at {self.socket_path} refused the connection: {exc}") from None
         except ProtocolError as exc:
             await self._fail()
-            detail = strip_ansi(self._stderr_tail.decode(errors="replace")).strip()
+            detail = self.child.stderr_text() if self.child is not None else ""
             if detail:  # a child that died says why on its stderr
                 raise StoreError(f"{self.socket_path} failed: {detail}") from exc
             raise
@@ -183,17 +223,9 @@ class _Connection:
         self.abort()
         await self.reap()
 
-    async def reap(self, timeout: float = 10.0) -> None:
-        """Wait for our child daemon to exit (it does at end of input), killing it if it does not."""
-        if self.process is None:
-            return
-        try:
-            await asyncio.wait_for(self.process.wait(), timeout)
-        except TimeoutError:
-            self.process.kill()
-            await self.process.wait()
-        if self._stderr_task is not None:
-            await asyncio.wait([self._stderr_task], timeout=1.0)
+    async def reap(self) -> None:
+        if self.child is not None:
+            await self.child.reap()
 
     async def _handshake(self) -> None:
         await self.send(wire.u64(WORKER_MAGIC_1))
@@ -375,6 +407,18 @@ class DaemonStore:
         path = resolve_socket_path(socket_path)
         return cls(path, await _Connection.open(path), store_dir)
 
+    @staticmethod
+    def start(
+        root: str | os.PathLike[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        nix_bin: str | os.PathLike[str] | None = None,
+    ) -> StartedDaemon:
+        """Start ``nix-daemon --stdio --store ROOT`` now; hand it to :meth:`spawn` later."""
+        daemon = str(Path(nix_bin) / "nix-daemon") if nix_bin else "nix-daemon"
+        return StartedDaemon([daemon, "--stdio", "--store", str(root)], env,
+                             f"nix-daemon --stdio --store {root}")
+
     @classmethod
     async def spawn(
         cls,
@@ -383,20 +427,22 @@ class DaemonStore:
         store_dir: str = DEFAULT_STORE_DIR,
         env: Mapping[str, str] | None = None,
         nix_bin: str | os.PathLike[str] | None = None,
+        started: StartedDaemon | None = None,
     ) -> DaemonStore:
         """The store at ``root`` (``--store ROOT``, a chroot store), through ``nix-daemon --stdio``
-        run as our child: one process for every query and import, and the worker protocol keeps
-        signatures and CA, which ``nix-store --import`` drops.  The child runs as us, so it
-        treats us as trusted.  It exits when the connection closes."""
-        root = str(root)
-        daemon = str(Path(nix_bin) / "nix-daemon") if nix_bin else "nix-daemon"
-        args = [daemon, "--stdio", "--store", root]
-        name = f"nix-daemon --stdio --store {root}"
+        run as our child (``started`` by :meth:`start` earlier, or now): one process for every
+        query and import, and the worker protocol keeps signatures and CA, which
+        ``nix-store --import`` drops.  The child runs as us, so it treats us as trusted.  It
+        exits when the connection closes; after a dropped connection the next call starts another."""
+        first = started or cls.start(root, env=env, nix_bin=nix_bin)
+        later = [first]
 
-        def start() -> Awaitable[_Connection]:
-            return _Connection.spawn(args, env, name)
+        def reconnect() -> Awaitable[_Connection]:
+            later[0] = later[0].again()
+            return _Connection.attach(later[0])
 
-        return cls(name, await start(), store_dir, reconnect=start, root=root)
+        return cls(first.name, await _Connection.attach(first), store_dir, reconnect=reconnect,
+                   root=str(root))
 
     async def __aenter__(self) -> Self:
         return self
@@ -436,7 +482,7 @@ class DaemonStore:
             except BaseException:
                 self._conn = None
                 conn.abort()
-                if conn.process is not None:
+                if conn.child is not None:
                     self._dropped.append(conn)  # it exits at end of input; reaped on close()
                 raise
 
