@@ -216,14 +216,21 @@ class Broker:
             self._external(lambda: self._start(hash_part, active, intent))
         else:
             active.waiters.append(future)
+        # The demand's own deadline normally decides it; this bounds the wait even when a
+        # fetcher attaching after that deadline keeps it open.  (A timer rather than wait_for:
+        # no task, shield and extra futures per request.)
+        timer = asyncio.get_running_loop().call_later(self.locate_timeout + 1.0, self._give_up, active, future)
         try:
-            # The demand's own deadline normally decides it; this bounds the wait even when a
-            # fetcher attaching after that deadline keeps it open.
-            return await asyncio.wait_for(asyncio.shield(future), self.locate_timeout + 1.0)
-        except TimeoutError:
-            if future in active.waiters:
-                active.waiters.remove(future)
-            return self._resolution(active)
+            return await future
+        finally:
+            timer.cancel()
+
+    def _give_up(self, active: _Active, future: asyncio.Future[Resolution]) -> None:
+        if future.done():
+            return
+        if future in active.waiters:
+            active.waiters.remove(future)
+        future.set_result(self._resolution(active))
 
     def _upgrade(self, hash_part: str, active: _Active) -> None:
         """The NAR is now needed too: say so (fetchers may prepare, e.g. warm a mirror)."""
