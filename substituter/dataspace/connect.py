@@ -28,6 +28,7 @@ from syndicate.schema import gatekeeper as gatekeeper_schema
 from syndicate.schema import transportAddress
 
 from substituter.dataspace import wire
+from substituter.dataspace.tunnel import PlainTunnel
 from substituter.errors import ConfigError
 
 __all__ = ["DataspaceHandler", "connect", "parse_address", "parse_capability"]
@@ -79,7 +80,7 @@ def parse_capability(cap: str) -> Any:
     return value
 
 
-class _ClientRelay(wire.FastRewrites):
+class _ClientRelay(PlainTunnel):
     """Mixin for syndicate-py's client relays: remembers why the server turned us away, sends
     syncs that syndicate-server accepts, and reads and writes packets with ``wire`` rather than
     the generic codec and protocol schema (same values, same bytes)."""
@@ -88,7 +89,6 @@ class _ClientRelay(wire.FastRewrites):
     address: Any
     decoder: Any
     facet: Any
-    pending_turn: list[Any]
 
     def data_received(self, chunk: bytes) -> None:
         decoder = self.decoder
@@ -117,21 +117,10 @@ class _ClientRelay(wire.FastRewrites):
             else:
                 self._handle_sync(pins, ref, first)  # type: ignore[attr-defined]
 
-    def _send(self, remote_oid: int, turn_event: Any) -> None:
-        # As syndicate-py's, but the pending turn holds plain values, written at flush time in
-        # one transport write; a Sync's peer is embedded once (see wire.sync_value).
-        pending = self.pending_turn
-        if not pending:
-            self.facet.loop.call_soon(actor.Turn.run, self.facet, self._flush_pending)
-        if turn_event.VARIANT.name == "Sync":
-            pending.append((remote_oid, wire.sync_value(turn_event.value.peer)))
-        else:
-            pending.append((remote_oid, wire.event_value(turn_event)))
-
-    def _flush_pending(self) -> None:
-        pending = self.pending_turn
-        self.pending_turn = []
-        self._send_bytes(wire.turn_packet(pending))  # type: ignore[attr-defined]
+    def _event_value(self, turn_event: Any) -> Any:
+        if turn_event.VARIANT.name == "Sync":  # its peer embedded once (see wire.sync_value)
+            return wire.sync_value(turn_event.value.peer)
+        return wire.event_value(turn_event)
 
     def _on_error(self, message: str, detail: Any) -> None:
         self.refusal = message

@@ -29,6 +29,7 @@ from syndicate.schema import protocol, sturdy
 
 from substituter.dataspace import wire
 from substituter.dataspace.gatekeeper import Gatekeeper, GatekeeperEntity
+from substituter.dataspace.tunnel import PlainTunnel
 from substituter.errors import ConfigError
 
 __all__ = [
@@ -50,10 +51,8 @@ READ_CHUNK = 64 * 1024
 AUTH_TIMEOUT = 10.0
 
 
-class ServerConnection(wire.FastRewrites, relay.TunnelRelay):
+class ServerConnection(PlainTunnel, relay.TunnelRelay):
     """The server side of one accepted stream; construct inside the connection's actor."""
-
-    pending_turn: list[tuple[int, Any]]  # set by the base class; holds (oid, event value)
 
     def __init__(
         self,
@@ -221,20 +220,6 @@ class ServerConnection(wire.FastRewrites, relay.TunnelRelay):
             error = protocol.Packet.Error(protocol.Error(reason, False))
             self._writer.write(encode(error))
         self._writer.close()
-
-    def _send(self, remote_oid: int, turn_event: Any) -> None:
-        # As the base class, but the pending turn holds plain Preserves values built here
-        # rather than schema objects encoded generically at flush time (same bytes out).
-        pending = self.pending_turn
-        if not pending:
-            # A plain callback, not a task: same place in the loop's queue, a fraction the cost.
-            self.facet.loop.call_soon(actor.Turn.run, self.facet, self._flush_pending)
-        pending.append((remote_oid, wire.event_value(turn_event)))
-
-    def _flush_pending(self) -> None:
-        pending = self.pending_turn
-        self.pending_turn = []
-        self._send_bytes(wire.turn_packet(pending))
 
     def _send_bytes(self, bs: bytes) -> None:
         if self._closing:

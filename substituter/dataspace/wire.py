@@ -21,7 +21,6 @@ from syndicate.schema import sturdy
 
 __all__ = [
     "EVENT_NAMES",
-    "FastRewrites",
     "decode_wire_ref",
     "encode",
     "event_value",
@@ -340,23 +339,3 @@ def turn_packet(events: list[tuple[int, Any]]) -> bytes:
     return bytes(out)
 
 
-
-class FastRewrites:
-    """Mixin for a syndicate-py ``TunnelRelay``: its ``register`` and ``rewrite_in`` (the
-    reference rewriting of every value crossing the connection) with ``map_embeddeds`` above."""
-
-    outbound_assertions: dict[Any, Any]
-
-    def register(self, target_oid: int, assertion: Any, maybe_handle: Any) -> Any:
-        pins: list[Any] = []
-        self.register_imported_oid(target_oid, pins)  # type: ignore[attr-defined]
-        transient = maybe_handle is None
-        rewrite = self.rewrite_ref_out  # type: ignore[attr-defined]
-        rewritten = map_embeddeds(lambda r: Embedded(rewrite(r, transient, pins)), assertion)
-        if maybe_handle is not None:
-            self.outbound_assertions[maybe_handle] = pins
-        return rewritten
-
-    def rewrite_in(self, assertion: Any, pins: list[Any]) -> Any:
-        rewrite = self.rewrite_ref_in  # type: ignore[attr-defined]
-        return map_embeddeds(lambda wire_ref: Embedded(rewrite(wire_ref, pins)), assertion)
