@@ -51,7 +51,8 @@ async def locate_with_policy(fetcher: Fetcher, hash_part: str, timeout: float) -
         if remaining <= 0:
             break
         try:
-            answer = await asyncio.wait_for(fetcher.locate(hash_part), remaining)
+            async with asyncio.timeout(remaining):  # not wait_for: no extra task per locate
+                answer = await fetcher.locate(hash_part)
         except TimeoutError:
             return Unavailable(f"no answer within {timeout:g} s")
         except asyncio.CancelledError:
