@@ -120,6 +120,10 @@ class Narinfos:
     ``resolve`` coroutine is stepped right away and, for a path already decided (it returns
     without waiting), the answer is ready in the same call.  Only a path still being located
     continues as a coroutine.
+
+    Hits answered at once are counted in a plain int and folded into the Prometheus metrics
+    when they are scraped (:meth:`flush_metrics`): a counter increment and a histogram
+    observation cost ~1.5 µs a request, a fifth of this path.
     """
 
     def __init__(self, daemon: Daemon) -> None:
@@ -132,6 +136,20 @@ class Narinfos:
         self._hits = metrics.narinfo_requests.labels("hit")
         self._misses = metrics.narinfo_requests.labels("miss")
         self._latency = metrics.narinfo_latency
+        self._instant_hits = 0
+
+    def flush_metrics(self) -> None:
+        """Count the hits answered at once in the hit counter and as 0 s in the histogram."""
+        n, self._instant_hits = self._instant_hits, 0
+        if not n:
+            return
+        self._hits.inc(n)
+        buckets = getattr(self._latency, "_buckets", None)  # prometheus_client's, lowest first
+        if buckets:
+            buckets[0].inc(n)  # n observations of 0 s in one step
+        else:
+            for _ in range(n):
+                self._latency.observe(0.0)
 
     def cache_info(self) -> Prebuilt:
         return self._cache_info
@@ -144,24 +162,29 @@ class Narinfos:
         try:
             waiting_on = resolving.send(None)
         except StopIteration as done:
-            return self._answer(hash_part, done.value, started)
+            return self._answer(hash_part, done.value, started, instant=True)
         return self._later(resolving, waiting_on, hash_part, started)
 
     async def _later(self, resolving: Coroutine[Any, Any, Resolution], waiting_on: Any, hash_part: str,
                      started: float) -> Prebuilt:
-        return self._answer(hash_part, await _resume(resolving, waiting_on), started)
+        return self._answer(hash_part, await _resume(resolving, waiting_on), started, instant=False)
 
-    def _answer(self, hash_part: str, res: Resolution, started: float) -> Prebuilt:
-        self._latency.observe(time.monotonic() - started)
+    def _answer(self, hash_part: str, res: Resolution, started: float, instant: bool) -> Prebuilt:
         info = res.info
         if info is None:
+            self._latency.observe(time.monotonic() - started)
             self._misses.inc()
             log.info("%s.narinfo: not found (%s)", hash_part, res.reason)
             return prebuilt(404, "text/plain; charset=utf-8", "no-store", f"{hash_part}: {res.reason}\n".encode())
-        self._hits.inc()
+        if instant:
+            self._instant_hits += 1
+        else:
+            self._latency.observe(time.monotonic() - started)
+            self._hits.inc()
         entry = _served_entry(info)
         cache = self.daemon.nars.cache
-        cached = cache.get(entry.nar_hash) if cache is not None else None
+        # `in` first: a dict lookup, where get() also checks the name and takes a lock.
+        cached = cache.get(entry.nar_hash) if cache is not None and entry.nar_hash in cache else None
         state = -1 if cached is None else cached.file_size
         answer = entry.answers.get(state)
         if answer is None:
@@ -329,6 +352,7 @@ def _nar_failed(daemon: Daemon, nar_hash: str, hash_part: str, exc: Exception,
 
 async def metrics(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON_KEY]
+    request.app[NARINFOS].flush_metrics()
     return web.Response(body=generate_latest(daemon.metrics.registry),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
