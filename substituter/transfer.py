@@ -44,6 +44,8 @@ Opener = Callable[[Offer, int], AsyncIterator[bytes]]
 THREAD_THRESHOLD = 256 * 1024
 #: Compressed input is decoded at most this much per library call.
 DECODE_PIECE = 16 * 1024
+#: ... and at least this much (for input that compresses extremely well).
+MIN_DECODE_PIECE = 1024
 #: Input from a source is gathered into pieces this big before it is decoded and hashed.
 COALESCE = 512 * 1024
 #: Decoded output is handed on in pieces of about this size (never one piece per input piece:
@@ -183,6 +185,9 @@ async def _coalesced(it: AsyncIterator[bytes], size: int) -> AsyncIterator[bytes
     buffer = bytearray()
     try:
         async for chunk in it:
+            if not buffer and len(chunk) >= size:
+                yield chunk  # already big enough (1 MiB reads): no copy
+                continue
             buffer += chunk
             if len(buffer) >= size:
                 yield bytes(buffer)
@@ -236,20 +241,25 @@ async def prefetched(it: AsyncIterator[bytes], depth: int = 2) -> AsyncIterator[
             await aclose()
 
 
-def _decode_some(decoder: Any, data: bytes, start: int) -> tuple[bytes, int]:
-    """Decode from ``start`` until about OUTPUT_PIECE bytes came out; returns them and where to
-    go on.  Input goes in DECODE_PIECE steps, so even text that compresses 100:1 cannot make one
-    call hold more than OUTPUT_PIECE plus one step's output."""
+def _decode_some(decoder: Any, data: bytes, start: int, step: int) -> tuple[bytes, int, int]:
+    """Decode from ``start`` until about OUTPUT_PIECE bytes came out; returns them, where to go
+    on and the input step to go on with.  Input goes in steps of at most DECODE_PIECE, halved
+    while one step's output exceeds OUTPUT_PIECE / 4 (text compressing 100:1 made one 16 KiB step
+    ~1.6 MiB, held twice by the joins) and doubled back when it falls under OUTPUT_PIECE / 16."""
     out: list[bytes] = []
     size = 0
     i = start
     while i < len(data) and size < OUTPUT_PIECE:
-        piece = decoder.decode(data[i:i + DECODE_PIECE])
-        i += DECODE_PIECE
+        piece = decoder.decode(data[i:i + step])
+        i += step
         if piece:
             out.append(piece)
             size += len(piece)
-    return (out[0] if len(out) == 1 else b"".join(out)), i
+        if len(piece) > OUTPUT_PIECE // 4 and step > MIN_DECODE_PIECE:
+            step //= 2
+        elif len(piece) < OUTPUT_PIECE // 16 and step < DECODE_PIECE:
+            step *= 2
+    return (out[0] if len(out) == 1 else b"".join(out)), i, step
 
 
 class _SourceBytes:
@@ -262,6 +272,7 @@ class _SourceBytes:
 
     def __init__(self, decoder: Any, skip: int, checker: _Checker, raw_sink: RawSink | None) -> None:
         self.decoder = decoder
+        self.decode_step = DECODE_PIECE
         self.skip = skip
         self.checker = checker
         self.raw_sink = raw_sink
@@ -273,7 +284,7 @@ class _SourceBytes:
         if self.decoder is None:
             out, end = data, len(data)
         else:
-            out, end = _decode_some(self.decoder, data, start)
+            out, end, self.decode_step = _decode_some(self.decoder, data, start, self.decode_step)
         return self._checked(out), end
 
     def tail(self) -> bytes:
