@@ -61,9 +61,9 @@ def _values() -> list[Any]:
     return fixed + [_random_value(rng) for _ in range(400)]
 
 
-@pytest.mark.parametrize("value", _values(), ids=lambda v: type(v).__name__)
-def test_encode_is_preserves_encode(value: Any) -> None:
-    assert wire.encode(value) == preserves.encode(value)
+def test_encode_is_preserves_encode() -> None:
+    for value in _values():
+        assert wire.encode(value) == preserves.encode(value), value
 
 
 def _stock_values(data: bytes) -> list[Any] | Exception:
@@ -116,19 +116,27 @@ def test_embedded_wire_refs_decode_to_schema_objects() -> None:
     assert yours.embeddedValue == sturdy.WireRef.decode((1, 5))
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_hostile_bytes_get_the_same_verdict(seed: int) -> None:
-    rng = random.Random(seed)
-    good = preserves.encode(_random_value(rng))
-    # corrupt: flip bytes, cut short, splice in invalid tags, end markers, annotations
-    data = bytearray(good)
-    for _ in range(rng.randint(1, 4)):
-        pos = rng.randrange(len(data) + 1)
-        data[pos:pos] = bytes([rng.choice([0x84, 0x85, 0x86, 0x87, 0xB4, 0xB6, 0xB7, 0xFF, 0x00])])
-    if rng.random() < 0.3:
-        del data[rng.randrange(len(data)):]
-    for chunk in (len(data) or 1, 3):
-        assert _same(_fast_values(bytes(data), chunk), _stock_values(bytes(data))), bytes(data).hex()
+def test_hostile_bytes_get_the_same_verdict() -> None:
+    verdicts = set()
+    for seed in range(400):
+        rng = random.Random(seed)
+        # corrupt: insert tags (invalid, end markers, annotations, containers), overwrite
+        # bytes, cut short
+        data = bytearray(preserves.encode(_random_value(rng)))
+        for _ in range(rng.randint(1, 5)):
+            pos = rng.randrange(len(data) + 1)
+            if rng.random() < 0.6:
+                data[pos:pos] = bytes([rng.choice(
+                    [0x84, 0x85, 0x86, 0x87, 0xB0, 0xB1, 0xB4, 0xB6, 0xB7, 0xFF, 0x00])])
+            elif pos < len(data):
+                data[pos] = rng.randrange(256)
+        if rng.random() < 0.3:
+            del data[rng.randrange(len(data)):]
+        stock = _stock_values(bytes(data))
+        verdicts.add(type(stock).__name__)
+        for chunk in (len(data) or 1, 3):
+            assert _same(_fast_values(bytes(data), chunk), stock), bytes(data).hex()
+    assert {"list", "DecodeError"} <= verdicts  # both outcomes were exercised
 
 
 @pytest.mark.parametrize("data", [
@@ -169,14 +177,14 @@ def test_sync_peer_is_embedded_once() -> None:
     assert b"\x86\x86" not in packet
 
 
-@pytest.mark.parametrize("value", _values()[:120], ids=lambda v: type(v).__name__)
-def test_map_embeddeds_is_preserves_map_embeddeds(value: Any) -> None:
+def test_map_embeddeds_is_preserves_map_embeddeds() -> None:
     from preserves.fold import map_embeddeds
 
     def rewrite(inner: Any) -> Any:
         return Embedded(("rewritten", repr(inner)))
 
-    ours, theirs = wire.map_embeddeds(rewrite, value), map_embeddeds(rewrite, value)
-    assert repr(ours) == repr(theirs)
-    assert type(ours) is type(theirs)
-    assert preserves.encode(ours) == preserves.encode(theirs)
+    for value in _values():
+        ours, theirs = wire.map_embeddeds(rewrite, value), map_embeddeds(rewrite, value)
+        assert repr(ours) == repr(theirs)
+        assert type(ours) is type(theirs)
+        assert preserves.encode(ours) == preserves.encode(theirs)
