@@ -188,3 +188,14 @@ def test_map_embeddeds_is_preserves_map_embeddeds() -> None:
         assert repr(ours) == repr(theirs)
         assert type(ours) is type(theirs)
         assert preserves.encode(ours) == preserves.encode(theirs)
+
+
+def test_symbols_shared_only_within_bounds() -> None:
+    long_name = "s" * 10_000
+    decoder = Decoder()
+    decoder.extend(preserves.encode((Symbol(long_name), Symbol("want"), Symbol("want"))))
+    value = wire.next_value(decoder)
+    assert value == (Symbol(long_name), Symbol("want"), Symbol("want"))
+    assert long_name not in wire._SYMBOLS
+    assert value[1] is value[2]  # short labels are shared
+    assert len(wire._SYMBOLS) <= wire._MAX_SYMBOLS

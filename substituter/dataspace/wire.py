@@ -51,17 +51,18 @@ class _Unusual(Exception):
     """The fast reader gives up (a rare form, or an error): preserves decides."""
 
 
-# Symbols repeat on every packet (labels); sharing them saves an allocation per use. Bounded,
-# so a peer sending many distinct symbols cannot grow it without limit.
+# Symbols repeat on every packet (labels); sharing them saves an allocation per use. Bounded
+# in count and name length, so what peers send cannot make it hold more than ~256 KiB.
 _SYMBOLS: dict[str, Symbol] = {}
 _MAX_SYMBOLS = 4096
+_MAX_SHARED_NAME = 64
 
 
 def _symbol(name: str) -> Symbol:
     sym = _SYMBOLS.get(name)
     if sym is None:
         sym = Symbol(name)
-        if len(_SYMBOLS) < _MAX_SYMBOLS:
+        if len(_SYMBOLS) < _MAX_SYMBOLS and len(name) <= _MAX_SHARED_NAME:
             _SYMBOLS[name] = sym
     return sym
 
