@@ -33,7 +33,7 @@ from .fetcher_host import local_record
 from .metrics import Metrics
 from .nix.narinfo import NarInfo
 from .plugin import Fetcher, Offer
-from .protocol import Available, Failed, Intent, Transfer, record_pattern
+from .protocol import Available, Failed, Intent, record_pattern
 from .protocol import Fetcher as FetcherRecord
 from .protocol import Unavailable as UnavailableRecord
 from .ranking import Candidate, Demand, FetcherStats
@@ -51,13 +51,18 @@ Opener = Callable[[Offer, int], AsyncIterator[bytes]]
 FAILURE_MEMORY = 600.0
 PROGRESS_INTERVAL = 0.5
 
-_WANT = Symbol("want")
+_WANT, _TRANSFER = Symbol("want"), Symbol("transfer")
 _INTENT = {"fetch": preserve(Intent.fetch()), "query": preserve(Intent.query())}
 
 
 def _want(hash_part: str, intent: str) -> Record:
     """``preserve(Want(hash_part, intent))``, built directly (this runs for every demand)."""
     return Record(_WANT, (hash_part, _INTENT[intent]))
+
+
+def _transfer(hash_part: str, fetcher: str, done: int, total: int) -> Record:
+    """``preserve(Transfer(…))``, built directly (at least twice per NAR)."""
+    return Record(_TRANSFER, (hash_part, fetcher, done, total))
 
 
 @dataclass(frozen=True)
@@ -424,7 +429,7 @@ class Broker:
             state["bytes"] = done
             if fetcher != state["fetcher"] or now - state["last"] >= PROGRESS_INTERVAL or done == total:
                 state["fetcher"], state["last"] = fetcher, now
-                record = Transfer(res.hash_part, fetcher, done, total)
+                record = _transfer(res.hash_part, fetcher, done, total)
                 self._external(lambda: state.__setitem__("handle", turn.replace(self.ds, state["handle"], record)))
 
         def failed(fetcher: str, reason: str, transient: bool) -> None:

@@ -12,12 +12,12 @@ from typing import Any
 from preserves import preserve
 from syndicate import actor, turn
 
-from substituter.broker import Broker, Resolution, _want
+from substituter.broker import Broker, Resolution, _transfer, _want
 from substituter.dataspace.barrier import barrier
 from substituter.dataspace.dataspace import Dataspace
 from substituter.fetcher_host import FetcherHost, available_value
 from substituter.plugin import FunctionFetcher, Offer, Unavailable
-from substituter.protocol import Intent, Want
+from substituter.protocol import Intent, Transfer, Want
 from substituter.protocol import Unavailable as UnavailableRecord
 from substituter.records import offer_to_record
 from substituter.trust import TrustPolicy
@@ -201,6 +201,7 @@ def test_records_built_by_hand_are_the_schema_encoding(tmp_path: Path) -> None:
         assert available_value(record) == preserve(record)
     assert _want(H, "fetch") == preserve(Want(H, Intent.fetch()))
     assert _want(H, "query") == preserve(Want(H, Intent.query()))
+    assert _transfer(H, "cache", 10, 20) == preserve(Transfer(H, "cache", 10, 20))
 
 
 def test_offers_made_before_the_demand_count_and_withdrawn_ones_go(tmp_path: Path) -> None:
