@@ -277,8 +277,9 @@ async def fetch_closure(runtime: Any, store: Store, roots: list[str], *, jobs: i
         realised(resolved_info(res).store_path)
 
     try:
-        # One operation for the whole closure (one `nix-store --import`, or one daemon
-        # AddMultipleToStore): references come first, each path is registered whole or not at all.
+        # One AddMultipleToStore for the whole closure: references come first, each path is
+        # registered whole or not at all.  A private chroot store (our own daemon) trusts what
+        # the broker's TrustPolicy accepted; a shared daemon checks signatures itself too.
         await store.add_multiple_to_store(((to_path_info(resolved_info(r)), verified(r)) for r in order),
                                           dont_check_sigs=getattr(store, "private", False))
     except (FetchError, StoreError, SubstituterError) as exc:
