@@ -172,6 +172,19 @@ async def test_unusual_requests_go_to_aiohttp(servers: Servers, request_bytes: b
     assert reply.status == status and "server" in reply.headers
 
 
+async def test_idle_connections_are_closed(servers: Servers, monkeypatch: pytest.MonkeyPatch) -> None:
+    from substituter import http_front
+
+    monkeypatch.setattr(http_front, "IDLE_TIMEOUT", 0.3)
+    monkeypatch.setattr(http_front, "_SWEEP", 0.1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", servers.front)
+    writer.write(get(f"/{WARM}.narinfo"))
+    assert (await read_reply(reader)).status == 200
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server, not by the timeout
+    writer.close()
+    await writer.wait_closed()
+
+
 def split_replies(stream: bytes) -> list[tuple[int, str, str, str, bytes]]:
     """(status, content type, cache control, length, body) of each response in a stream.  A
     response without a body (HEAD) is one followed directly by the next status line or the end."""
