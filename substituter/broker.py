@@ -26,8 +26,10 @@ from syndicate import actor, turn
 from syndicate import patterns as P
 from syndicate.actor import Turn
 from syndicate.dataspace import during, observe
+from syndicate.schema import dataspace as dataspace_schema
 
 from . import turns
+from .dataspace.dataspace import Dataspace
 from .errors import ProtocolError
 from .fetcher_host import local_record
 from .metrics import Metrics
@@ -58,6 +60,16 @@ _INTENT = {"fetch": preserve(Intent.fetch()), "query": preserve(Intent.query())}
 def _want(hash_part: str, intent: str) -> Record:
     """``preserve(Want(hash_part, intent))``, built directly (this runs for every demand)."""
     return Record(_WANT, (hash_part, _INTENT[intent]))
+
+
+def _offers_pattern(hash_part: Any) -> Any:
+    """``<available hash …>`` captured whole (``hash_part`` is a literal, or ``P._``)."""
+    return P.bind(record_pattern(Available, hash=hash_part))
+
+
+def _declines_pattern(hash_part: Any) -> Any:
+    """``<unavailable hash …>`` captured whole."""
+    return P.bind(record_pattern(UnavailableRecord, hash=hash_part))
 
 
 def _transfer(hash_part: str, fetcher: str, done: int, total: int) -> Record:
@@ -167,6 +179,9 @@ class Broker:
         #: nobody here wants are only kept (not decoded) until a demand for it starts.
         self._answers: dict[Any, _Answer] = {}
         self._answers_by_hash: dict[str, dict[Any, _Answer]] = {}
+        self._per_demand = False
+        self._offers_ref: Any = None
+        self._declines_ref: Any = None
         self.facet: Any = None
 
     # --- wiring ----------------------------------------------------------------------------
@@ -196,9 +211,17 @@ class Broker:
 
             return gone
 
-        observe(self.ds, P.bind(record_pattern(Available)))(_Answers(self._offer_added, self._answer_removed))
-        observe(self.ds, record_pattern(UnavailableRecord, hash=P.CAPTURE, fetcher=P.CAPTURE,
-                                        reason=P.CAPTURE))(_Answers(self._decline_added, self._answer_removed))
+        offers = _Answers(self._offer_added, self._answer_removed)
+        declines = _Answers(self._decline_added, self._answer_removed)
+        # In our own embedded dataspace, every answer is to a want of this process: watch them
+        # all at once.  In a shared one (a fleet's syndicate-server), answers to other daemons'
+        # wants would reach every daemon that way, so there each demand observes its own hash.
+        self._per_demand = not isinstance(getattr(self.ds, "entity", None), Dataspace)
+        if self._per_demand:
+            self._offers_ref, self._declines_ref = turn.ref(offers), turn.ref(declines)
+        else:
+            observe(self.ds, _offers_pattern(P._))(offers)
+            observe(self.ds, _declines_pattern(P._))(declines)
 
     def _external(self, action: Callable[[], None]) -> None:
         turns.external(self.facet, action)
@@ -265,6 +288,9 @@ class Broker:
         for name, priority in self.live.items():
             demand.fetcher_joined(name, priority)
         active.wants = [turn.publish(self.ds, _want(hash_part, "fetch" if intent == "fetch" else "query"))]
+        if self._per_demand:  # retracted with the want, which drops this demand's answers too
+            active.wants.append(turn.publish(self.ds, dataspace_schema.Observe(_offers_pattern(hash_part), self._offers_ref)))
+            active.wants.append(turn.publish(self.ds, dataspace_schema.Observe(_declines_pattern(hash_part), self._declines_ref)))
         # Answers already present (e.g. to someone else's want) count at once, as an observer
         # of this hash alone would have been told of them on subscribing.
         for answer in list(self._answers_by_hash.get(hash_part, {}).values()):
@@ -285,9 +311,11 @@ class Broker:
         self._add_answer(handle, _Answer(fields[0], value, fields[1]))
 
     def _decline_added(self, captures: Any, handle: Any) -> None:
-        if not isinstance(captures, tuple) or len(captures) != 3 or not isinstance(captures[0], str):
+        value = captures[0] if isinstance(captures, tuple) and captures else None
+        fields: tuple[Any, ...] = tuple(value.fields) if isinstance(value, Record) else ()
+        if len(fields) != 3 or not isinstance(fields[0], str):
             return
-        hash_part, fetcher, reason = captures
+        hash_part, fetcher, reason = fields
         self._add_answer(handle, _Answer(hash_part, None, fetcher, reason))
 
     def _add_answer(self, handle: Any, answer: _Answer) -> None:
