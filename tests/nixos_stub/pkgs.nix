@@ -13,7 +13,7 @@ let
   hostTool = name: { type = "derivation"; inherit name; outPath = "/usr"; };
 
   pythonPackageNames = [
-    "aiohttp" "brotli" "click" "cryptography" "h2" "httpx" "prometheus-client" "setuptools"
+    "aiohttp" "brotli" "click" "cryptography" "prometheus-client" "setuptools" "uvloop"
     "zstandard"
   ];
 
