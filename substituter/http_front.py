@@ -43,6 +43,7 @@ _HEAD_END = re.compile(rb"\n\r?\n")
 #: The longest request line of ours (HEAD of a narinfo).
 _MAX_LINE = 60
 _VERDICTS = 256
+_VERDICT_BLOCK = 1024
 
 
 def _headers_ours(block: bytes) -> bool:
@@ -222,9 +223,11 @@ class FrontProtocol(asyncio.Protocol):
             verdicts = self.server.verdicts
             ours = verdicts.get(block)
             if ours is None:
-                ours = verdicts[block] = _headers_ours(block)
-                if len(verdicts) > _VERDICTS:
-                    del verdicts[next(iter(verdicts))]
+                ours = _headers_ours(block)
+                if len(block) <= _VERDICT_BLOCK:  # bounded memory: 256 small blocks at most
+                    verdicts[block] = ours
+                    if len(verdicts) > _VERDICTS:
+                        del verdicts[next(iter(verdicts))]
             if not ours:
                 self._hand_off(out, buf[pos:])
                 return

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import socket
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 
@@ -18,13 +19,14 @@ from substituter.http_front import FrontServer, Prebuilt, prebuilt
 WARM = "1" * 32
 COLD = "2" * 32
 MISSING = "0" * 32
+BIG = "3" * 32  # a 64 KiB answer
 
 
 class FakeAnswers:
     """Narinfo answers without a broker: hashes starting with 0 are missing, lookups take a while."""
 
     def __init__(self) -> None:
-        self.warmed: set[str] = {WARM}
+        self.warmed: set[str] = {WARM, BIG}
         self.lookups: list[str] = []
 
     def cache_info(self) -> Prebuilt:
@@ -43,7 +45,10 @@ class FakeAnswers:
 
     @staticmethod
     def _hit(hash_part: str) -> Prebuilt:
-        return prebuilt(200, "text/x-nix-narinfo", "max-age=86400", f"StorePath: /nix/store/{hash_part}-x\n".encode())
+        body = f"StorePath: /nix/store/{hash_part}-x\n".encode()
+        if hash_part == BIG:
+            body += b"Sig: " + b"x" * (64 * 1024) + b"\n"
+        return prebuilt(200, "text/x-nix-narinfo", "max-age=86400", body)
 
 
 async def _other(request: web.Request) -> web.Response:
@@ -141,6 +146,32 @@ async def test_pipelined_requests_are_answered_in_order_across_the_hand_over(ser
     assert replies[5].body == b"aiohttp GET /nar/abc.nar\n"
     assert replies[6].body == replies[0].body and "server" in replies[6].headers  # aiohttp's answer
     assert servers.answers.lookups == [COLD, MISSING]
+
+
+async def test_a_flood_of_pipelined_requests_is_answered_in_full_and_in_order(
+        servers: Servers, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More answers than the transport buffers: the front stops reading while the client does
+    not read (write flow control) and carries on where it stopped."""
+    from substituter import http_front
+
+    paused = []
+    pause = http_front.FrontProtocol.pause_writing
+    monkeypatch.setattr(http_front.FrontProtocol, "pause_writing", lambda self: (paused.append(1), pause(self)))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # so the server's buffers fill
+    sock.connect(("127.0.0.1", servers.front))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    hashes = [BIG if i % 2 else WARM if i % 3 else COLD for i in range(400)]
+    writer.write(b"".join(get(f"/{h}.narinfo", "HEAD" if i % 5 == 0 else "GET") for i, h in enumerate(hashes)))
+    await asyncio.sleep(0.3)  # let the server fill its buffers while nobody reads
+    for i, h in enumerate(hashes):
+        reply = await asyncio.wait_for(read_reply(reader, head_only=i % 5 == 0), 10)
+        assert reply.status == 200
+        assert i % 5 == 0 or reply.body.startswith(f"StorePath: /nix/store/{h}-x\n".encode())
+    writer.close()
+    await writer.wait_closed()
+    assert paused  # the flow-control path was taken
 
 
 async def test_a_request_split_into_single_bytes_is_answered(servers: Servers) -> None:
