@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from preserves import Record, Symbol, preserve
@@ -32,7 +32,6 @@ from . import turns
 from .dataspace.dataspace import Dataspace
 from .errors import ProtocolError
 from .fetcher_host import local_record
-from .metrics import Metrics
 from .nix.narinfo import NarInfo
 from .plugin import Fetcher, Offer
 from .protocol import Available, Failed, Intent, record_pattern
@@ -42,6 +41,9 @@ from .ranking import Candidate, Demand, FetcherStats
 from .records import record_to_offer
 from .transfer import Source, TransferEvents
 from .trust import TrustPolicy, Verdict
+
+if TYPE_CHECKING:  # prometheus_client is a large import; `fetch` may run without it
+    from .metrics import Metrics
 
 __all__ = ["Broker", "Resolution"]
 
@@ -163,7 +165,11 @@ class Broker:
         self.local_fetchers = dict(local_fetchers or {})
         self.openers = dict(openers or {})
         self.linger = linger
-        self.metrics = metrics or Metrics()
+        if metrics is None:
+            from .metrics import Metrics
+
+            metrics = Metrics()
+        self.metrics = metrics
         self.stats = FetcherStats()
         self.live: dict[str, int] = {}
         self._live_count: dict[str, int] = {}
