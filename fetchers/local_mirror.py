@@ -1,7 +1,8 @@
 """The ``local-mirror`` fetcher: a directory written by ``nix copy --to file://DIR``.
 
 Narinfos are read straight from ``DIR/<hash>.narinfo`` and NARs streamed from ``DIR/<URL>``.  All
-file I/O runs in the default executor so the event loop never waits on a disk.
+file I/O runs in the default executor so the event loop never waits on a disk, in as few hops as
+possible: a locate is one worker call, and so is a whole small NAR.
 """
 
 from __future__ import annotations
@@ -100,9 +101,13 @@ class LocalMirrorFetcher(Fetcher):
             validate_hash_part(hash_part)
         except StorePathError as exc:
             return Unavailable(str(exc))
+        return await asyncio.to_thread(self._locate, hash_part)
+
+    def _locate(self, hash_part: str) -> Answer:
+        """The whole lookup in one worker call (reading, parsing, checking the NAR is there)."""
         narinfo_file = self.root / f"{hash_part}.narinfo"
         try:
-            data = await asyncio.to_thread(narinfo_file.read_bytes)
+            data = narinfo_file.read_bytes()
         except FileNotFoundError:
             return Unavailable(f"not in {self.root}")
         except OSError as exc:
@@ -122,7 +127,7 @@ class LocalMirrorFetcher(Fetcher):
                 "%s: %s names a file outside the mirror: %r", self.name, narinfo_file, info.url
             )
             return Unavailable(f"{narinfo_file}: URL {info.url!r} leaves {self.root}")
-        if not await asyncio.to_thread(nar.is_file):
+        if not nar.is_file():
             return Unavailable(f"{narinfo_file} names {info.url}, which is missing")
         return Offer(
             info=info,
@@ -149,17 +154,14 @@ class LocalMirrorFetcher(Fetcher):
         if not os.path.realpath(path).startswith(os.path.realpath(self.root) + os.sep):
             raise NotAvailable(f"{self.name}: {path} is not inside {self.root}")
         loop = asyncio.get_running_loop()
+        fd, chunk = await loop.run_in_executor(None, _open_and_read, path, offset)
+        if fd is None:  # a small file: read whole in that one call
+            if chunk:
+                yield chunk
+            return
         try:
-            fd = await loop.run_in_executor(None, os.open, path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise NotAvailable(f"{path}: the file is gone") from exc
-        except OSError as exc:
-            raise FetchError(f"{path}: cannot open: {exc.strerror}") from exc
-        try:
-            size = os.fstat(fd).st_size
-            if offset > size:
-                raise FetchError(f"{path}: offset {offset} is beyond the end ({size} bytes)")
-            position = offset
+            position = offset + len(chunk)
+            yield chunk
             while True:
                 try:
                     chunk = await loop.run_in_executor(None, os.pread, fd, READ_SIZE, position)
@@ -173,3 +175,29 @@ class LocalMirrorFetcher(Fetcher):
                 yield chunk
         finally:
             os.close(fd)
+
+
+def _open_and_read(path: Path, offset: int) -> tuple[int | None, bytes]:
+    """Open ``path`` and read its first piece from ``offset``; the fd is closed again (None)
+    when that piece reached the end of the file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise NotAvailable(f"{path}: the file is gone") from exc
+    except OSError as exc:
+        raise FetchError(f"{path}: cannot open: {exc.strerror}") from exc
+    try:
+        size = os.fstat(fd).st_size
+        if offset > size:
+            raise FetchError(f"{path}: offset {offset} is beyond the end ({size} bytes)")
+        try:
+            chunk = os.pread(fd, READ_SIZE, offset)
+        except OSError as exc:
+            raise FetchError(f"{path}: read failed at byte {offset}: {exc.strerror}") from exc
+    except BaseException:
+        os.close(fd)
+        raise
+    if offset + len(chunk) >= size:
+        os.close(fd)
+        return None, chunk
+    return fd, chunk
