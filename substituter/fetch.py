@@ -315,11 +315,13 @@ def _run_fetch(config: Any, targets: list[str], store_spec: str, started: Starte
 
     from syndicate import actor, turn
 
+    from .metrics import Metrics
     from .runtime import Runtime
     from .trust import TrustPolicy
 
     trust = TrustPolicy(config.trusted_public_keys, require_sigs=require_sigs)
-    runtime = Runtime(config, trust=trust, spool_limit=2**63, durable_cache=False, remote_openers=False)
+    runtime = Runtime(config, trust=trust, spool_limit=2**63, durable_cache=False, remote_openers=False,
+                      metrics=Metrics(enabled=False))  # nothing serves /metrics in a one-off fetch
     loop = asyncio.new_event_loop()
     result = {"code": 1}
 

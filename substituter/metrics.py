@@ -1,14 +1,52 @@
-"""Prometheus metrics of one daemon (its own registry, so several daemons can share a process)."""
+"""Prometheus metrics of one daemon (its own registry, so several daemons can share a process).
+
+``Metrics(enabled=False)`` keeps the same attributes as no-ops and never imports
+prometheus_client: a one-off ``fetch`` exposes no metrics and is spared its start-up cost.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from typing import Any
 
 __all__ = ["Metrics"]
 
 
+class _Off:
+    """Stands for any counter or histogram (and its labelled children) when metrics are off."""
+
+    def labels(self, *_values: str) -> _Off:
+        return self
+
+    def inc(self, _amount: float = 1) -> None:
+        pass
+
+    def observe(self, _value: float) -> None:
+        pass
+
+
+_OFF = _Off()
+
+
 class Metrics:
-    def __init__(self) -> None:
+    registry: Any
+    narinfo_requests: Any
+    narinfo_latency: Any
+    offers: Any
+    fetcher_bytes: Any
+    verification_failures: Any
+    nar_bytes: Any
+    nar_failures: Any
+    nar_seconds: Any
+
+    def __init__(self, enabled: bool = True) -> None:
+        if not enabled:
+            self.registry = None
+            for name in ("narinfo_requests", "narinfo_latency", "offers", "fetcher_bytes",
+                         "verification_failures", "nar_bytes", "nar_failures", "nar_seconds"):
+                setattr(self, name, _OFF)
+            return
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
         self.registry = CollectorRegistry()
         r = self.registry
         self.narinfo_requests = Counter(
