@@ -268,6 +268,8 @@ class _SourceBytes:
 
     :meth:`step` does all of it for one piece of input in one call, so a big piece costs one
     worker-thread round trip (each round trip wakes the event loop and contends for the GIL).
+    A big compressed NAR goes in two stages instead, :meth:`decode` running ahead of
+    :meth:`check` in another worker, so that decoding and hashing use two cores.
     """
 
     def __init__(self, decoder: Any, skip: int, checker: _Checker, raw_sink: RawSink | None) -> None:
@@ -279,24 +281,42 @@ class _SourceBytes:
 
     def step(self, data: bytes, start: int) -> tuple[bytes, int]:
         """Checked NAR bytes from ``data[start:]`` (about OUTPUT_PIECE), and where to go on."""
+        out, end = self.decode(data, start)
+        return self.check(out), end
+
+    def decode(self, data: bytes, start: int) -> tuple[bytes, int]:
+        """NAR bytes (not yet checked) from ``data[start:]``, and where to go on."""
         if start == 0 and self.raw_sink is not None:
             self.raw_sink.write(data)
         if self.decoder is None:
             out, end = data, len(data)
         else:
             out, end, self.decode_step = _decode_some(self.decoder, data, start, self.decode_step)
-        return self._checked(out), end
+        return self._skipped(out), end
 
-    def tail(self) -> bytes:
-        return self._checked(self.decoder.flush()) if self.decoder is not None else b""
-
-    def _checked(self, out: bytes) -> bytes:
-        if self.skip and out:
-            cut = min(self.skip, len(out))
-            out, self.skip = out[cut:], self.skip - cut
+    def check(self, out: bytes) -> bytes:
+        """Feed decoded bytes, in order, to the checker (raises on bytes that are wrong)."""
         if out:
             self.checker.feed(out)
         return out
+
+    def tail(self) -> bytes:
+        return self._skipped(self.decoder.flush()) if self.decoder is not None else b""
+
+    def _skipped(self, out: bytes) -> bytes:
+        if self.skip and out:
+            cut = min(self.skip, len(out))
+            out, self.skip = out[cut:], self.skip - cut
+        return out
+
+
+async def _decoded(received: AsyncIterator[bytes], pipeline: _SourceBytes) -> AsyncIterator[bytes]:
+    async for data in received:
+        i = 0
+        while i < len(data):
+            out, i = await asyncio.to_thread(pipeline.decode, data, i)
+            if out:
+                yield out
 
 
 async def _checked_chunks(
@@ -312,19 +332,24 @@ async def _checked_chunks(
     pipeline = _SourceBytes(decoder, 0 if raw else offset, checker, raw_sink)
     try:
         received = _coalesced(_with_stall_timeout(stream, stall, source.fetcher), COALESCE)
-        if checker.expected_size > COALESCE:
-            # Reading runs ahead while a piece is checked; a small NAR is one piece anyway.
-            received = prefetched(received)
-        async for data in received:
-            i = 0
-            while i < len(data):
-                if len(data) >= THREAD_THRESHOLD:
-                    out, i = await asyncio.to_thread(pipeline.step, data, i)
-                else:
+        if checker.expected_size <= COALESCE:
+            # A small NAR is one piece: one call does it all.
+            async for data in received:
+                i = 0
+                while i < len(data):
                     out, i = pipeline.step(data, i)
-                if out:
-                    yield out
-        tail = pipeline.tail()
+                    if out:
+                        yield out
+        elif decoder is None:
+            # Reading runs ahead while a piece is checked.
+            async for data in prefetched(received):
+                out, _ = await asyncio.to_thread(pipeline.step, data, 0)
+                yield out
+        else:
+            # Reading and decoding run ahead (one worker) while a piece is checked (another).
+            async for out in prefetched(_decoded(prefetched(received), pipeline)):
+                yield await asyncio.to_thread(pipeline.check, out)
+        tail = pipeline.check(pipeline.tail())
         if tail:
             yield tail
     finally:
