@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -54,6 +54,8 @@ Opener = Callable[[Offer, int], AsyncIterator[bytes]]
 #: How long ``<failed …>`` stays asserted for status displays, and a bad source stays excluded.
 FAILURE_MEMORY = 600.0
 PROGRESS_INTERVAL = 0.5
+#: Prefetching starts no demand while this many are standing (each is one want and its answers).
+MAX_PREFETCH_ACTIVE = 20_000
 
 _WANT, _TRANSFER = Symbol("want"), Symbol("transfer")
 _INTENT = {"fetch": preserve(Intent.fetch()), "query": preserve(Intent.query())}
@@ -110,6 +112,8 @@ class _Active:
     #: Our <want …> assertions (a second one when a query becomes a fetch); None until started.
     wants: list[Any] | None = None
     waiters: list[asyncio.Future[Resolution]] = field(default_factory=list)
+    #: Waiting for every fetcher's answer, not just for a decision (see Broker.settled).
+    settling: list[asyncio.Future[None]] = field(default_factory=list)
     expires: float = 0.0
 
 
@@ -258,6 +262,39 @@ class Broker:
             return await future
         finally:
             timer.cancel()
+
+    async def settled(self, hash_part: str) -> None:
+        """Wait until every fetcher has answered for this path (or its deadline passed), not
+        just until the best answer was certain: after the best source failed, the others."""
+        active = self._active.get(hash_part)
+        if active is None or not active.demand.pending:
+            return
+        settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        active.settling.append(settled)
+        def give_up() -> None:
+            if not settled.done():
+                settled.set_result(None)
+
+        timer = asyncio.get_running_loop().call_later(self.locate_timeout + 1.0, give_up)
+        try:
+            await settled
+        finally:
+            timer.cancel()
+
+    def prefetch(self, hash_parts: Iterable[str]) -> int:
+        """Start resolving paths nobody asked for yet, without waiting (e.g. the references of a
+        narinfo just served: Nix walks the closure one request at a time, so it asks for each
+        of them next).  When one is asked for, its answer is ready or on its way; an unasked
+        demand lingers and goes like any other.  Returns how many were started."""
+        started = 0
+        for hash_part in hash_parts:
+            if hash_part in self._active or len(self._active) >= MAX_PREFETCH_ACTIVE:
+                continue
+            active = _Active(Demand(hash_part, dict(self.live), self.stats), "query")
+            self._active[hash_part] = active
+            started += 1
+            self._external(lambda h=hash_part, a=active: self._start(h, a, "query"))  # type: ignore[misc]
+        return started
 
     def _give_up(self, active: _Active, future: asyncio.Future[Resolution]) -> None:
         if future.done():
@@ -413,7 +450,14 @@ class Broker:
 
     def _check(self, hash_part: str) -> None:
         active = self._active.get(hash_part)
-        if active is None or not active.waiters or not active.demand.decided:
+        if active is None:
+            return
+        if active.settling and not active.demand.pending:
+            settling, active.settling = active.settling, []
+            for s in settling:
+                if not s.done():
+                    s.set_result(None)
+        if not active.waiters or not active.demand.decided:
             return
         resolution = self._resolution(active)
         waiters, active.waiters = active.waiters, []
@@ -473,6 +517,9 @@ class Broker:
                     self._bad = {k: t for k, t in self._bad.items() if t > now}
                 self._bad[(res.hash_part, fetcher)] = now + FAILURE_MEMORY
                 self.metrics.verification_failures.labels(fetcher).inc()
+                active = self._active.get(res.hash_part)
+                if active is not None:
+                    active.demand.excluded(fetcher, f"sent bad bytes: {reason}")
             self._external(lambda: self._assert_failure(res.hash_part, fetcher, reason, transient))
 
         def done() -> None:

@@ -69,6 +69,9 @@ class NarCacheConfig:
     #: NARs up to this size are verified completely before their first byte is sent (so a
     #: corrupt source is replaced invisibly); larger ones stream while being verified.
     verify_first: int = 32 * 1024**2
+    #: When a narinfo is served for a NAR up to this size that is not cached yet, the NAR is
+    #: fetched (verified, cached) right away: Nix nearly always asks for it next.  0: never.
+    prefetch: int = 1024**2
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,8 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         path=Path(cache_path) if cache_path else None,
         verify_first=parse_size(cache_table.get("verify-first", (int, str), NarCacheConfig.verify_first),
                                 "nar-cache.verify-first"),
+        prefetch=parse_size(cache_table.get("prefetch", (int, str), NarCacheConfig.prefetch),
+                            "nar-cache.prefetch"),
     )
     cache_table.finish()
 

@@ -83,13 +83,14 @@ def served_narinfo(info: NarInfo, cached: CachedNar | None) -> bytes:
 class _Served:
     """What is derived from one narinfo object for serving it (kept with the object itself)."""
 
-    __slots__ = ("info", "nar_hash", "bodies", "answers")
+    __slots__ = ("info", "nar_hash", "bodies", "answers", "prefetched")
 
     def __init__(self, info: NarInfo) -> None:
         self.info = info  # holds the object, so its id() is not reused while this entry lives
         self.nar_hash = info.nar_hash.nix32()
         self.bodies: dict[int, bytes] = {}
         self.answers: dict[int, Prebuilt] = {}  # the same, as whole responses
+        self.prefetched = False  # its references and NAR were asked for once served
 
 
 #: Rendered narinfos by ``id(info)``, oldest first; bounded so old resolutions can go.
@@ -154,6 +155,35 @@ class Narinfos:
     def cache_info(self) -> Prebuilt:
         return self._cache_info
 
+    def cached_nar(self, nar_hash: str, hash_part: str, compressed: bool) -> Awaitable[Prebuilt] | None:
+        """A small NAR in the verified cache, as its zstd file or the NAR itself, read in one
+        worker call; None (aiohttp serves it) for anything else.  Keeps Nix's one keep-alive
+        connection on the front for the narinfos that follow."""
+        cache = self.daemon.nars.cache
+        if cache is None or nar_hash not in cache:
+            return None
+        entry = cache.get(nar_hash)
+        if entry is None or entry.file_size > SMALL_FILE or (not compressed and entry.nar_size > SMALL_FILE):
+            return None
+        return self._read_nar(entry, hash_part, compressed)
+
+    async def _read_nar(self, entry: CachedNar, hash_part: str, compressed: bool) -> Prebuilt:
+        from .nar_cache import NarCache
+
+        try:
+            if compressed:
+                body = await asyncio.to_thread(entry.path.read_bytes)
+            else:
+                body = await asyncio.to_thread(NarCache._read_entry, entry)
+        except Exception as exc:  # evicted meanwhile (or unreadable): a miss, never a guess
+            log.warning("cached NAR %s for %s: %s", entry.nar_hash, hash_part, exc)
+            return prebuilt(404, "text/plain; charset=utf-8", "no-store", f"{hash_part}: NAR left the cache ({exc})\n".encode())
+        self.daemon.metrics.nar_bytes.inc(len(body))
+        if compressed:
+            return Prebuilt(200, {"Content-Type": "application/zstd", "Cache-Control": IMMUTABLE}, body)
+        return Prebuilt(200, {"Content-Type": "application/x-nix-nar", "Accept-Ranges": "bytes",
+                              "Cache-Control": IMMUTABLE}, body)
+
     def narinfo(self, hash_part: str) -> Prebuilt | Awaitable[Prebuilt]:
         """The answer for a valid nix32 hash part (the narinfo, or a 404 saying why): right away
         when the broker has decided, else an awaitable of it."""
@@ -182,9 +212,17 @@ class Narinfos:
             self._latency.observe(time.monotonic() - started)
             self._hits.inc()
         entry = _served_entry(info)
-        cache = self.daemon.nars.cache
+        nars = self.daemon.nars
+        cache = nars.cache
         # `in` first: a dict lookup, where get() also checks the name and takes a lock.
         cached = cache.get(entry.nar_hash) if cache is not None and entry.nar_hash in cache else None
+        if not entry.prefetched:
+            # The first answer of this narinfo: Nix asks for its references next, one request at
+            # a time, and for the NAR after that; have them resolved and fetched meanwhile.
+            entry.prefetched = True
+            self.daemon.broker.prefetch(ref[:32] for ref in info.references if ref[:32] != hash_part)
+            if cached is None:
+                nars.prefetch(res)
         state = -1 if cached is None else cached.file_size
         answer = entry.answers.get(state)
         if answer is None:

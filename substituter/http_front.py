@@ -27,8 +27,13 @@ __all__ = ["Answers", "FrontServer", "Prebuilt", "prebuilt"]
 
 log = logging.getLogger("substituter.http")
 
-#: A request line the front answers itself: GET/HEAD of exactly these targets, HTTP/1.1.
-_REQUEST_LINE = re.compile(rb"(GET|HEAD) /(?:([0-9a-df-np-sv-z]{32})\.narinfo|nix-cache-info) HTTP/1\.1\r\n")
+#: A request line the front answers itself: GET/HEAD of exactly these targets, HTTP/1.1
+#: (a NAR only when it is a small one already in the verified cache).
+_REQUEST_LINE = re.compile(
+    rb"(GET|HEAD) /(?:([0-9a-df-np-sv-z]{32})\.narinfo|nix-cache-info"
+    rb"|nar/([0-9a-df-np-sv-z]{52})-([0-9a-df-np-sv-z]{32})\.nar(\.zst)?) HTTP/1\.1\r\n"
+)
+_RANGE = re.compile(rb"(?:^|\n)range:", re.IGNORECASE)
 #: Header lines it accepts: CRLF-terminated, names tokens, values without control characters
 #: but tab (what aiohttp's parser accepts, minus anything doubtful).
 _HEADER_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*\r\n")
@@ -40,8 +45,8 @@ _SINGLETONS = frozenset({"content-location", "content-range", "content-type", "e
                          "server", "user-agent"})
 #: The end of a head, also with bare LFs (then not ours, but complete: hand it on now).
 _HEAD_END = re.compile(rb"\n\r?\n")
-#: The longest request line of ours (HEAD of a narinfo).
-_MAX_LINE = 60
+#: The longest request line of ours (HEAD of a zstd NAR).
+_MAX_LINE = 128
 _VERDICTS = 256
 _VERDICT_BLOCK = 1024
 
@@ -65,6 +70,7 @@ _SWEEP = 15.0
 
 
 _REASONS = {200: "OK", 404: "Not Found"}
+
 
 
 class Prebuilt:
@@ -92,6 +98,10 @@ class Answers(Protocol):
 
     def narinfo(self, hash_part: str) -> Prebuilt | Awaitable[Prebuilt]:
         """The answer (a hit or a 404): right away if it is known, else an awaitable of it."""
+
+    def cached_nar(self, nar_hash: str, hash_part: str, compressed: bool) -> Awaitable[Prebuilt] | None:
+        """A small NAR already in the verified cache (an awaitable of its response), or None
+        when this request is for aiohttp (not cached, large, ...)."""
 
 
 class FrontServer:
@@ -232,8 +242,20 @@ class FrontProtocol(asyncio.Protocol):
                 self._hand_off(out, buf[pos:])
                 return
             head_only = m.group(1) == b"HEAD"
-            pos = stop
             hash_part = m.group(2)
+            found: Prebuilt | Awaitable[Prebuilt] | None
+            if m.group(3) is not None:  # a NAR
+                found = None if _RANGE.search(block) else answers.cached_nar(
+                    m.group(3).decode("ascii"), m.group(4).decode("ascii"), m.group(5) is not None)
+                if found is None:
+                    self._hand_off(out, buf[pos:])
+                    return
+                pos = stop
+                self.buffer = buf[pos:]
+                self._write(out)
+                self.pending = asyncio.ensure_future(self._wait(found, head_only))
+                return
+            pos = stop
             if hash_part is None:
                 answer = answers.cache_info()
             else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from .nar_cache import CachedNar, CacheWriter, NarCache, RawCacheWriter, ZstdFrame
@@ -33,6 +33,8 @@ MEMORY_SPOOL = 1024 * 1024
 WRITE_BEHIND_LIMIT = 64 * 1024 * 1024
 
 SourcesFn = Callable[["Resolution", set[str]], list[Source]]
+#: Waits until every fetcher has answered for the path (after the sources in hand failed).
+RefreshFn = Callable[["Resolution"], Awaitable[object]]
 EventsFn = Callable[["Resolution"], TransferEvents]
 
 
@@ -44,12 +46,17 @@ class NarService:
         *,
         spool_limit: int = DEFAULT_SPOOL_LIMIT,
         events: EventsFn | None = None,
+        prefetch_limit: int = 0,
+        refresh: RefreshFn | None = None,
     ) -> None:
         self._sources = sources
+        self._refresh = refresh
         self.cache = cache
         self.spool_limit = spool_limit
+        self.prefetch_limit = min(prefetch_limit, spool_limit)
         self._events = events or (lambda res: TransferEvents())
         self._spooling: dict[str, asyncio.Task[bytes | None]] = {}
+        self._prefetches: set[asyncio.Future[bytes | None]] = set()
         #: Cache writes of small NARs already handed out from memory (finished in a worker).
         self._writing: dict[str, asyncio.Future[None]] = {}
         self._queued: list[tuple[str, int, bytes, bool, asyncio.Future[None]]] = []
@@ -60,6 +67,20 @@ class NarService:
         """Wait for the cache writes still running behind handed-out NARs."""
         while self._writing:
             await asyncio.gather(*map(asyncio.shield, list(self._writing.values())), return_exceptions=True)
+
+    def prefetch(self, res: Resolution) -> None:
+        """Start fetching a small NAR whose narinfo was just served, not waiting for it: when
+        the client asks for the NAR, it is in hand or on its way (see ``nar-cache.prefetch``)."""
+        info = res.info
+        if self.cache is None or info is None or info.nar_size > self.prefetch_limit:
+            return
+        nar_hash = info.nar_hash.nix32()
+        if nar_hash in self._spooling or nar_hash in self.cache:
+            return
+        spool = self._start_spool(res, nar_hash)
+        self._prefetches.add(spool)
+        spool.add_done_callback(self._prefetches.discard)
+        spool.add_done_callback(_quietly)
 
     def cached(self, nar_hash: str) -> bool:
         return self.cache is not None and self.cache.get(nar_hash) is not None
@@ -131,24 +152,42 @@ class NarService:
         """
         assert res.info is not None
         bad: set[str] = set()
+        failed: set[str] = set()
         for _attempt in range(MAX_RESTARTS + 1):
-            sources = self._sources(res, bad)
+            sources = await self._remaining_sources(res, bad | failed)
             if not sources:
                 break
             try:
                 chunks = [chunk async for chunk in verified_nar(res.info, sources, self._events(res))]
             except TransferFailed as exc:
-                if not exc.bad:
-                    raise
-                bad.update(exc.bad)
-                log.warning("%s: starting over without %s", res.info.store_path, ", ".join(exc.bad))
+                await self._after_failure(res, exc, sources, bad, failed)
                 continue
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        raise TransferFailed(
-            f"no source could deliver {res.info.store_path}: "
-            + (f"wrong bytes from {', '.join(sorted(bad))}" if bad else "no trusted source left"),
-            sorted(bad),
-        )
+        raise _nobody_left(res, bad, failed)
+
+    async def _remaining_sources(self, res: Resolution, exclude: set[str]) -> list[Source]:
+        """Sources not excluded; once some were (they sent wrong bytes, or failed), fetchers
+        still to answer are waited for: the broker answers as soon as the best looked certain."""
+        sources = self._sources(res, exclude)
+        if not sources and exclude and self._refresh is not None:
+            await self._refresh(res)
+            sources = self._sources(res, exclude)
+        return sources
+
+    async def _after_failure(self, res: Resolution, exc: TransferFailed, sources: list[Source],
+                             bad: set[str], failed: set[str]) -> None:
+        """Note who failed; raise ``exc`` when nobody else can be tried."""
+        assert res.info is not None
+        if exc.bad:
+            bad.update(exc.bad)
+            log.warning("%s: starting over without %s", res.info.store_path, ", ".join(exc.bad))
+            return
+        # Every source in hand failed on its own (none sent wrong bytes): others may have
+        # answered since, or may still answer.
+        failed.update(source.fetcher for source in sources)
+        if not await self._remaining_sources(res, bad | failed):
+            raise exc
+        log.info("%s: trying fetchers that answered since", res.info.store_path)
 
     async def _spool_once(self, res: Resolution, nar_hash: str) -> bytes | None:
         """One spool per NAR at a time; concurrent requests wait for the same one.
@@ -156,20 +195,38 @@ class NarService:
         Returns the verified NAR when it was small enough to be spooled in memory.
         """
         task = self._spooling.get(nar_hash)
+        if task is not None and task in self._prefetches:
+            try:
+                return await asyncio.shield(task)
+            except TransferFailed:
+                # The prefetch began with the first answers; more may have come since (a
+                # source ranked below one that turned out bad): start over with what is known.
+                if self._spooling.get(nar_hash) is task:
+                    del self._spooling[nar_hash]
+                task = self._spooling.get(nar_hash)
         if task is None:
-            task = asyncio.ensure_future(self._spool(res, nar_hash))
-            self._spooling[nar_hash] = task
-            task.add_done_callback(lambda _t: self._release(nar_hash))
+            task = self._start_spool(res, nar_hash)
         return await asyncio.shield(task)
 
-    def _release(self, nar_hash: str) -> None:
+    def _start_spool(self, res: Resolution, nar_hash: str) -> asyncio.Task[bytes | None]:
+        task = asyncio.ensure_future(self._spool(res, nar_hash))
+        self._spooling[nar_hash] = task
+        task.add_done_callback(lambda t: self._release(nar_hash, t))
+        return task
+
+    def _release(self, nar_hash: str, task: asyncio.Task[bytes | None]) -> None:
         """Forget a finished spool, once its cache write (if still going) is done: until then
         the spool's result is what later requests get."""
+
+        def forget(_done: object = None) -> None:
+            if self._spooling.get(nar_hash) is task:
+                del self._spooling[nar_hash]
+
         writing = self._writing.get(nar_hash)
         if writing is None:
-            self._spooling.pop(nar_hash, None)
+            forget()
         else:
-            writing.add_done_callback(lambda _w: self._spooling.pop(nar_hash, None))
+            writing.add_done_callback(forget)
 
     def _write_behind(self, nar_hash: str, nar_size: int, data: bytes, is_zstd: bool) -> asyncio.Future[None]:
         """Cache a small NAR already handed out, without making anyone wait (its fsync can take
@@ -206,8 +263,9 @@ class NarService:
         assert self.cache is not None and res.info is not None
         in_memory = res.info.nar_size <= MEMORY_SPOOL
         bad: set[str] = set()
+        failed: set[str] = set()
         for _attempt in range(MAX_RESTARTS + 1):
-            sources = self._sources(res, bad)
+            sources = await self._remaining_sources(res, bad | failed)
             if not sources:
                 break
             if in_memory:
@@ -235,19 +293,12 @@ class NarService:
             except TransferFailed as exc:
                 if isinstance(tee, _CacheFill):
                     tee.abort()
-                if not exc.bad:
-                    raise
-                bad.update(exc.bad)
-                log.warning("%s: starting over without %s", res.info.store_path, ", ".join(exc.bad))
+                await self._after_failure(res, exc, sources, bad, failed)
             except BaseException:
                 if isinstance(tee, _CacheFill):
                     tee.abort()
                 raise
-        raise TransferFailed(
-            f"no source could deliver {res.info.store_path}: "
-            + (f"wrong bytes from {', '.join(sorted(bad))}" if bad else "no trusted source left"),
-            sorted(bad),
-        )
+        raise _nobody_left(res, bad, failed)
 
     async def _stream_through(self, res: Resolution, offset: int) -> AsyncIterator[bytes]:
         """Stream while verifying; a source sending wrong bytes before anything was handed out is
@@ -279,7 +330,8 @@ class NarService:
         position = 0
         filling: asyncio.Future[None] | None = None
         try:
-            verified = verified_nar(res.info, self._sources(res, bad), self._events(res), fill)
+            sources = await self._remaining_sources(res, bad)
+            verified = verified_nar(res.info, sources, self._events(res), fill)
             async for chunk in prefetched(verified):
                 if fill is not None:
                     # Filling the cache (compressing, when the source's own file is not zstd)
@@ -400,3 +452,17 @@ class _CacheFill:
         for writer in (self._compress, self._raw):
             if writer is not None:
                 writer.abort()
+
+
+def _quietly(task: asyncio.Future[bytes | None]) -> None:
+    """A prefetch that failed: nobody waits for it, and the request for the NAR will say why."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.debug("prefetch failed: %s", exc)
+
+
+def _nobody_left(res: Resolution, bad: set[str], failed: set[str]) -> TransferFailed:
+    assert res.info is not None
+    why = [f"wrong bytes from {', '.join(sorted(bad))}"] if bad else []
+    why += [f"{', '.join(sorted(failed))} failed"] if failed else []
+    return TransferFailed(f"no source could deliver {res.info.store_path}: "
+                          + ("; ".join(why) or "no trusted source left"), sorted(bad))

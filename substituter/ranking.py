@@ -96,6 +96,13 @@ class Demand:
         self.trusted.pop(name, None)
         self.untrusted.pop(name, None)
 
+    def excluded(self, name: str, reason: str) -> None:
+        """The fetcher's offer turned out bad (wrong bytes): it no longer counts, and the
+        demand waits again for any fetcher still to answer that could replace it."""
+        self.trusted.pop(name, None)
+        self.pending.pop(name, None)
+        self.unavailable[name] = reason
+
     def declined(self, name: str, reason: str) -> None:
         self.pending.pop(name, None)
         self.unavailable[name] = reason

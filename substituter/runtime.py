@@ -68,6 +68,7 @@ class Runtime:
             if config.nar_cache.enable else None
         )
         self.spool_limit = config.nar_cache.verify_first if spool_limit is None else spool_limit
+        self.prefetch_limit = config.nar_cache.prefetch
         # Offers from out-of-process fetchers need them.  A one-off `fetch` on its own embedded
         # dataspace (exposed nowhere) gets offers only from its own fetchers, so it passes
         # remote_openers=False and is spared importing every installed plugin.
@@ -117,7 +118,8 @@ class Runtime:
         def ready() -> None:
             self.broker = broker
             self.nars = NarService(broker.sources, self.cache, spool_limit=self.spool_limit,
-                                   events=broker.events)
+                                   events=broker.events, prefetch_limit=self.prefetch_limit,
+                                   refresh=lambda res: broker.settled(res.hash_part))
             if not attached.done():
                 attached.set_result(None)
 

@@ -265,3 +265,23 @@ def test_a_zstd_upstream_file_is_cached_and_served_as_it_is(
         result = copy_from(nix, daemon.url, tmp_path / "second", cache.public_key, cache.top)
         assert result.returncode == 0, result.stderr.decode() + daemon.log()
         assert_intact(nix, tmp_path / "second", cache.paths)
+
+
+def test_references_and_small_nars_are_fetched_ahead_of_nix(nix: Nix, nix_keys, tmp_path: Path, serve_cache) -> None:
+    """Nix walks a closure one request at a time: once a narinfo is served, its references'
+    narinfos and its NAR are fetched meanwhile, so they are there even if the upstream goes."""
+    cache = build_cache(nix, nix_keys, tmp_path / "cache", "zstd")
+    server = serve_cache(cache.root)
+    config = {"trusted-public-keys": [cache.public_key], "fetchers": [binary_cache(server.url)]}
+    top = cache.hash_part(cache.top)
+    references = [cache.hash_part(p) for p in cache.paths if p != cache.top]
+    assert references
+    with DaemonProcess(tmp_path, config, nix.env) as daemon, httpx.Client(base_url=daemon.url) as client:
+        served = client.get(f"/{top}.narinfo").text
+        time.sleep(1.0)  # nothing else asked; the daemon works ahead
+        server.stop()
+        for hash_part in references:
+            assert client.get(f"/{hash_part}.narinfo").status_code == 200, daemon.log()
+        url = next(line[5:] for line in served.splitlines() if line.startswith("URL: "))
+        nar = client.get(f"/{url}")
+        assert nar.status_code == 200 and nar.content == nix.run("nix-store", "--dump", cache.top)

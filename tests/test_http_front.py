@@ -20,6 +20,8 @@ WARM = "1" * 32
 COLD = "2" * 32
 MISSING = "0" * 32
 BIG = "3" * 32  # a 64 KiB answer
+CACHED_NAR = "1" * 52  # a NarHash in the fake verified cache
+NAR_BODY = b"(zstd file of a small NAR)"
 
 
 class FakeAnswers:
@@ -42,6 +44,14 @@ class FakeAnswers:
             return prebuilt(404, "text/plain; charset=utf-8", "no-store", f"{hash_part}: nobody has it\n".encode())
         self.warmed.add(hash_part)
         return self._hit(hash_part)
+
+    def cached_nar(self, nar_hash: str, hash_part: str, compressed: bool) -> Awaitable[Prebuilt] | None:
+        return self._nar() if nar_hash == CACHED_NAR and compressed else None
+
+    @staticmethod
+    async def _nar() -> Prebuilt:
+        await asyncio.sleep(0.005)
+        return Prebuilt(200, {"Content-Type": "application/zstd", "Cache-Control": "immutable"}, NAR_BODY)
 
     @staticmethod
     def _hit(hash_part: str) -> Prebuilt:
@@ -358,3 +368,38 @@ def test_daemon_front_and_aiohttp_serve_the_same_narinfo(nix, nix_keys, tmp_path
     assert 'substituter_narinfo_requests_total{result="hit"} 4.0' in metrics
     assert 'substituter_narinfo_requests_total{result="miss"} 1.0' in metrics
     assert "substituter_narinfo_seconds_count 5.0" in metrics
+
+
+async def test_a_cached_nar_is_served_by_the_front_and_the_connection_stays_with_it(servers: Servers) -> None:
+    """Nix uses one keep-alive connection for everything: a small cached NAR must not hand it
+    to aiohttp, or every narinfo after it would pay aiohttp's cost."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", servers.front)
+    nar = f"/nar/{CACHED_NAR}-{WARM}.nar.zst"
+    requests = [
+        (get(f"/{WARM}.narinfo"), False),
+        (get(nar), False),
+        (get(nar, "HEAD"), True),
+        (get(f"/{COLD}.narinfo"), False),
+        (get(nar, extra="Range: bytes=5-\r\n"), False),  # ranges are aiohttp's
+        (get(f"/{WARM}.narinfo"), False),
+    ]
+    writer.write(b"".join(r for r, _ in requests))
+    replies = [await asyncio.wait_for(read_reply(reader, head_only), 10) for _, head_only in requests]
+    writer.close()
+    await writer.wait_closed()
+    first, body, head, cold, ranged, after = replies
+    assert [r.status for r in replies] == [200] * 6
+    assert body.body == NAR_BODY and body.headers["content-type"] == "application/zstd"
+    assert int(head.headers["content-length"]) == len(NAR_BODY)
+    assert all("server" not in r.headers for r in (first, body, head, cold))  # the front's
+    assert ranged.body.startswith(b"aiohttp GET /nar/") and "server" in after.headers
+
+
+async def test_a_nar_not_in_the_cache_goes_to_aiohttp(servers: Servers) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", servers.front)
+    for target in (f"/nar/{'2' * 52}-{WARM}.nar.zst", f"/nar/{CACHED_NAR}-{WARM}.nar"):
+        writer.write(get(target))
+        reply = await asyncio.wait_for(read_reply(reader), 10)
+        assert reply.body == f"aiohttp GET {target}\n".encode()
+    writer.close()
+    await writer.wait_closed()

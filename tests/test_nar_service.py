@@ -174,3 +174,39 @@ async def test_a_small_nar_is_handed_out_before_its_cache_write_finishes(tmp_pat
     assert entry is not None and entry.path.read_bytes() == upstream
     await nars.writes_done()
     assert opened == [0]
+
+
+async def test_prefetch_fetches_a_small_nar_once_and_a_request_retries_a_failed_prefetch(tmp_path: Path) -> None:
+    nar = make_nar(tmp_path, 300_000)
+    info = make_info(nar)
+    upstream = compress(nar, "zstd")
+    opened: list[int] = []
+    answered: list[bool] = [False]  # the good source has not answered yet when prefetching
+
+    def sources(res: object, bad: set[str]) -> list[Source]:
+        opener = serve_bytes(upstream)
+
+        def counting(offer: Offer, offset: int = 0):
+            opened.append(offset)
+            return opener(offer, offset)
+
+        return [Source("z", Offer(info, "test://z", "zstd"), counting)] if answered[0] else []
+
+    cache = NarCache(tmp_path / "cache", 1 << 30)
+    nars = NarService(sources, cache, prefetch_limit=1 << 20)
+    res = SimpleNamespace(info=info)
+    nars.prefetch(res)  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)  # it failed quietly: no source yet
+    answered[0] = True
+    assert b"".join([c async for c in nars.stream(res)]) == nar  # type: ignore[arg-type]
+    await nars.writes_done()
+    assert opened == [0]
+    nars.prefetch(res)  # type: ignore[arg-type]  # cached now: nothing to do
+    await asyncio.sleep(0.05)
+    assert opened == [0]
+    other = make_nar(tmp_path / "o", 300_000)
+    other_info = make_info(other, hash_part="1" * 32)
+    big = NarService(sources, NarCache(tmp_path / "c2", 1 << 30), prefetch_limit=len(other) - 1)
+    big.prefetch(SimpleNamespace(info=other_info))  # type: ignore[arg-type]  # above the limit
+    await asyncio.sleep(0.05)
+    assert opened == [0]

@@ -249,6 +249,8 @@ def test_killed_fetcher_leaves_nothing_behind_and_misses_stay_fast(
     empty = {"type": "local-mirror", "name": "empty", "path": str(tmp_path / "empty"),
              "check-cache-info": False}
     config = daemon_config(cache.public_key, fetchers=[empty], locate_timeout=locate_timeout)
+    # Nothing fetched ahead of Nix: the NAR must be asked of the dead fetcher (a fast 404).
+    config["nar-cache"] = {"prefetch": 0}
     top, dep = cache.top, next(p for p in cache.paths if p != cache.top)
     with DaemonProcess(tmp_path, config, nix.env) as daemon:
         doomed = FetcherProcess(daemon, "binary-cache", "doomed", 20, {"url": server.url})

@@ -123,3 +123,15 @@ def test_demand_without_fetchers_is_not_found_at_the_deadline() -> None:
     d = Demand("h", {})
     d.deadline_passed()
     assert d.decided and d.ranked() == [] and "no fetchers" in d.explain_missing()
+
+
+def test_a_best_offer_found_bad_reopens_the_demand_for_those_still_to_answer(tmp_path: Path) -> None:
+    offer = _offer(tmp_path)
+    d = Demand("h", {"evil": 10, "good": 50})
+    d.offered("evil", offer, TRUSTED)
+    assert d.decided  # the best was certain...
+    d.excluded("evil", "sent bad bytes")
+    assert not d.decided and d.ranked() == []  # ...until its bytes were wrong: wait for "good"
+    d.offered("good", offer, TRUSTED)
+    assert d.decided and [c.fetcher for c in d.ranked()] == ["good"]
+    assert "sent bad bytes" in d.unavailable["evil"]
