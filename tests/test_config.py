@@ -96,3 +96,12 @@ def test_check_config_cli(tmp_path: Path) -> None:
 def test_config_is_frozen() -> None:
     with pytest.raises(AttributeError):
         Config().listen = "x"  # type: ignore[misc]
+
+
+def test_nar_cache_sizes() -> None:
+    config = parse_config({"nar-cache": {"verify-first": "8M", "prefetch": "256K"}})
+    assert (config.nar_cache.verify_first, config.nar_cache.prefetch) == (8 << 20, 256 << 10)
+    assert parse_config({}).nar_cache.prefetch == 1 << 20
+    assert parse_config({"nar-cache": {"prefetch": 0}}).nar_cache.prefetch == 0
+    with pytest.raises(ConfigError, match="nar-cache.prefetch"):
+        parse_config({"nar-cache": {"prefetch": "lots"}})
