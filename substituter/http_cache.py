@@ -155,17 +155,41 @@ class Narinfos:
     def cache_info(self) -> Prebuilt:
         return self._cache_info
 
-    def cached_nar(self, nar_hash: str, hash_part: str, compressed: bool) -> Awaitable[Prebuilt] | None:
-        """A small NAR in the verified cache, as its zstd file or the NAR itself, read in one
-        worker call; None (aiohttp serves it) for anything else.  Keeps Nix's one keep-alive
-        connection on the front for the narinfos that follow."""
-        cache = self.daemon.nars.cache
+    def cached_nar(self, nar_hash: str, hash_part: str,
+                   compressed: bool) -> Prebuilt | Awaitable[Prebuilt] | None:
+        """A small NAR in hand: verified lately (still in memory), being fetched ahead of the
+        request, or in the verified cache (its zstd file or the NAR, read in one worker call).
+        None (aiohttp serves it) for anything else.  Keeps Nix's one keep-alive connection on
+        the front for the narinfos that follow."""
+        nars = self.daemon.nars
+        if not compressed:
+            data = nars.recent(nar_hash)
+            if data is not None:
+                self.daemon.metrics.nar_bytes.inc(len(data))
+                return _raw_nar(data)
+            if nars.spooling(nar_hash):
+                return self._fetched_nar(nar_hash, hash_part)
+        cache = nars.cache
         if cache is None or nar_hash not in cache:
             return None
         entry = cache.get(nar_hash)
         if entry is None or entry.file_size > SMALL_FILE or (not compressed and entry.nar_size > SMALL_FILE):
             return None
         return self._read_nar(entry, hash_part, compressed)
+
+    async def _fetched_nar(self, nar_hash: str, hash_part: str) -> Prebuilt:
+        """A small NAR whose fetch is under way: the same steps as aiohttp's handler."""
+        res = (await self.daemon.broker.resolve(hash_part, "fetch")).for_nar(nar_hash)
+        if res.info is None:
+            return prebuilt(404, "text/plain; charset=utf-8", "no-store", f"{hash_part}: {res.reason}\n".encode())
+        try:
+            data = b"".join([chunk async for chunk in self.daemon.nars.stream(res)])
+        except FetchError as exc:
+            self.daemon.metrics.nar_failures.inc()
+            log.error("NAR %s for %s: %s", nar_hash, hash_part, exc)
+            return prebuilt(404, "text/plain; charset=utf-8", "no-store", f"{exc}\n".encode())
+        self.daemon.metrics.nar_bytes.inc(len(data))
+        return _raw_nar(data)
 
     async def _read_nar(self, entry: CachedNar, hash_part: str, compressed: bool) -> Prebuilt:
         from .nar_cache import NarCache
@@ -181,8 +205,7 @@ class Narinfos:
         self.daemon.metrics.nar_bytes.inc(len(body))
         if compressed:
             return Prebuilt(200, {"Content-Type": "application/zstd", "Cache-Control": IMMUTABLE}, body)
-        return Prebuilt(200, {"Content-Type": "application/x-nix-nar", "Accept-Ranges": "bytes",
-                              "Cache-Control": IMMUTABLE}, body)
+        return _raw_nar(body)
 
     def narinfo(self, hash_part: str) -> Prebuilt | Awaitable[Prebuilt]:
         """The answer for a valid nix32 hash part (the narinfo, or a 404 saying why): right away
@@ -229,6 +252,11 @@ class Narinfos:
             answer = entry.answers[state] = prebuilt(200, NARINFO_TYPE, NARINFO_CACHE_CONTROL,
                                                      served_narinfo(info, cached))
         return answer
+
+
+def _raw_nar(data: bytes) -> Prebuilt:
+    return Prebuilt(200, {"Content-Type": "application/x-nix-nar", "Accept-Ranges": "bytes",
+                          "Cache-Control": IMMUTABLE}, data)
 
 
 async def _resume(coro: Coroutine[Any, Any, T], waiting_on: Any) -> T:

@@ -99,9 +99,10 @@ class Answers(Protocol):
     def narinfo(self, hash_part: str) -> Prebuilt | Awaitable[Prebuilt]:
         """The answer (a hit or a 404): right away if it is known, else an awaitable of it."""
 
-    def cached_nar(self, nar_hash: str, hash_part: str, compressed: bool) -> Awaitable[Prebuilt] | None:
-        """A small NAR already in the verified cache (an awaitable of its response), or None
-        when this request is for aiohttp (not cached, large, ...)."""
+    def cached_nar(self, nar_hash: str, hash_part: str,
+                   compressed: bool) -> Prebuilt | Awaitable[Prebuilt] | None:
+        """A small NAR in hand (its response, or an awaitable of it), or None when this request
+        is for aiohttp (not cached, large, ...)."""
 
 
 class FrontServer:
@@ -251,14 +252,17 @@ class FrontProtocol(asyncio.Protocol):
                     self._hand_off(out, buf[pos:])
                     return
                 pos = stop
-                self.buffer = buf[pos:]
-                self._write(out)
-                self.pending = asyncio.ensure_future(self._wait(found, head_only))
-                return
-            pos = stop
-            if hash_part is None:
+                if not isinstance(found, Prebuilt):
+                    self.buffer = buf[pos:]
+                    self._write(out)
+                    self.pending = asyncio.ensure_future(self._wait(found, head_only))
+                    return
+                answer = found
+            elif hash_part is None:
+                pos = stop
                 answer = answers.cache_info()
             else:
+                pos = stop
                 found = answers.narinfo(hash_part.decode("ascii"))
                 if not isinstance(found, Prebuilt):
                     # Still being located: the rest of the buffer waits its turn.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,8 @@ MAX_RESTARTS = 3
 MEMORY_SPOOL = 1024 * 1024
 #: Bytes of handed-out small NARs waiting for their cache write, beyond which a spool waits.
 WRITE_BEHIND_LIMIT = 64 * 1024 * 1024
+#: Recently verified small NARs kept in memory (bytes in all), served with no disk read.
+RECENT_LIMIT = 16 * 1024 * 1024
 
 SourcesFn = Callable[["Resolution", set[str]], list[Source]]
 #: Waits until every fetcher has answered for the path (after the sources in hand failed).
@@ -57,6 +60,8 @@ class NarService:
         self._events = events or (lambda res: TransferEvents())
         self._spooling: dict[str, asyncio.Task[bytes | None]] = {}
         self._prefetches: set[asyncio.Future[bytes | None]] = set()
+        self._recent: OrderedDict[str, bytes] = OrderedDict()
+        self._recent_bytes = 0
         #: Cache writes of small NARs already handed out from memory (finished in a worker).
         self._writing: dict[str, asyncio.Future[None]] = {}
         self._queued: list[tuple[str, int, bytes, bool, asyncio.Future[None]]] = []
@@ -81,6 +86,27 @@ class NarService:
         self._prefetches.add(spool)
         spool.add_done_callback(self._prefetches.discard)
         spool.add_done_callback(_quietly)
+
+    def recent(self, nar_hash: str) -> bytes | None:
+        """A small NAR verified lately, if still in memory (the cache has it, or will)."""
+        data = self._recent.get(nar_hash)
+        if data is not None:
+            self._recent.move_to_end(nar_hash)
+        return data
+
+    def spooling(self, nar_hash: str) -> bool:
+        """Whether the NAR is being fetched into the cache right now (e.g. prefetched)."""
+        task = self._spooling.get(nar_hash)
+        return task is not None and not task.done()
+
+    def _remember(self, nar_hash: str, data: bytes) -> None:
+        if nar_hash in self._recent or len(data) > RECENT_LIMIT // 16:
+            return
+        self._recent[nar_hash] = data
+        self._recent_bytes += len(data)
+        while self._recent_bytes > RECENT_LIMIT:
+            _, old = self._recent.popitem(last=False)
+            self._recent_bytes -= len(old)
 
     def cached(self, nar_hash: str) -> bool:
         return self.cache is not None and self.cache.get(nar_hash) is not None
@@ -279,6 +305,7 @@ class NarService:
                     # write (compressing only if the source's own file is not zstd), fsync and
                     # rename follow in one worker call.
                     data = b"".join([chunk async for chunk in verified])
+                    self._remember(nar_hash, data)
                     if tee.complete:
                         written = self._write_behind(nar_hash, res.info.nar_size, tee.data(), True)
                     else:

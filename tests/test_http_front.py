@@ -22,6 +22,7 @@ MISSING = "0" * 32
 BIG = "3" * 32  # a 64 KiB answer
 CACHED_NAR = "1" * 52  # a NarHash in the fake verified cache
 NAR_BODY = b"(zstd file of a small NAR)"
+RECENT_NAR = "4" * 52  # a NAR the fake holds in memory
 
 
 class FakeAnswers:
@@ -45,7 +46,9 @@ class FakeAnswers:
         self.warmed.add(hash_part)
         return self._hit(hash_part)
 
-    def cached_nar(self, nar_hash: str, hash_part: str, compressed: bool) -> Awaitable[Prebuilt] | None:
+    def cached_nar(self, nar_hash: str, hash_part: str, compressed: bool) -> Prebuilt | Awaitable[Prebuilt] | None:
+        if nar_hash == RECENT_NAR and not compressed:  # in memory: answered at once
+            return Prebuilt(200, {"Content-Type": "application/x-nix-nar"}, b"(a small NAR)")
         return self._nar() if nar_hash == CACHED_NAR and compressed else None
 
     @staticmethod
@@ -380,6 +383,7 @@ async def test_a_cached_nar_is_served_by_the_front_and_the_connection_stays_with
         (get(nar), False),
         (get(nar, "HEAD"), True),
         (get(f"/{COLD}.narinfo"), False),
+        (get(f"/nar/{RECENT_NAR}-{WARM}.nar"), False),
         (get(nar, extra="Range: bytes=5-\r\n"), False),  # ranges are aiohttp's
         (get(f"/{WARM}.narinfo"), False),
     ]
@@ -387,8 +391,9 @@ async def test_a_cached_nar_is_served_by_the_front_and_the_connection_stays_with
     replies = [await asyncio.wait_for(read_reply(reader, head_only), 10) for _, head_only in requests]
     writer.close()
     await writer.wait_closed()
-    first, body, head, cold, ranged, after = replies
-    assert [r.status for r in replies] == [200] * 6
+    first, body, head, cold, recent, ranged, after = replies
+    assert [r.status for r in replies] == [200] * 7
+    assert recent.body == b"(a small NAR)" and "server" not in recent.headers
     assert body.body == NAR_BODY and body.headers["content-type"] == "application/zstd"
     assert int(head.headers["content-length"]) == len(NAR_BODY)
     assert all("server" not in r.headers for r in (first, body, head, cold))  # the front's

@@ -210,3 +210,13 @@ async def test_prefetch_fetches_a_small_nar_once_and_a_request_retries_a_failed_
     big.prefetch(SimpleNamespace(info=other_info))  # type: ignore[arg-type]  # above the limit
     await asyncio.sleep(0.05)
     assert opened == [0]
+
+
+async def test_small_nars_verified_lately_stay_in_memory(tmp_path: Path) -> None:
+    nar = make_nar(tmp_path, 300_000)
+    info = make_info(nar)
+    nars, cache = service(tmp_path, [("z", compress(nar, "zstd"), "zstd", None)])
+    nar_hash = info.nar_hash.nix32()
+    assert nars.recent(nar_hash) is None and not nars.spooling(nar_hash)
+    assert await fetch(nars, info) == nar
+    assert nars.recent(nar_hash) == nar
