@@ -328,26 +328,29 @@ class NarService:
         raise _nobody_left(res, bad, failed)
 
     async def _stream_through(self, res: Resolution, offset: int) -> AsyncIterator[bytes]:
-        """Stream while verifying; a source sending wrong bytes before anything was handed out is
-        dropped and the NAR starts over from the others (after that, the stream must fail)."""
+        """Stream while verifying; if the sources fail before anything was handed out (wrong
+        bytes, or every one failing), the NAR starts over from the others, waiting for fetchers
+        still to answer; after that, the stream must fail."""
         assert res.info is not None
         bad: set[str] = set()
+        failed: set[str] = set()
         for _attempt in range(MAX_RESTARTS + 1):
+            sources = await self._remaining_sources(res, bad | failed)
+            if not sources:
+                break
             yielded = False
             try:
-                async for chunk in self._stream_once(res, offset, bad):
+                async for chunk in self._stream_once(res, offset, sources):
                     yielded = True
                     yield chunk
                 return
             except TransferFailed as exc:
-                if yielded or not exc.bad:
+                if yielded:
                     raise
-                bad.update(exc.bad)
-                log.warning("%s: starting over without %s", res.info.store_path, ", ".join(exc.bad))
-        raise TransferFailed(f"no source could deliver {res.info.store_path}: wrong bytes from "
-                             f"{', '.join(sorted(bad))}", sorted(bad))
+                await self._after_failure(res, exc, sources, bad, failed)
+        raise _nobody_left(res, bad, failed)
 
-    async def _stream_once(self, res: Resolution, offset: int, bad: set[str]) -> AsyncIterator[bytes]:
+    async def _stream_once(self, res: Resolution, offset: int, sources: list[Source]) -> AsyncIterator[bytes]:
         assert res.info is not None
         fill = (
             _CacheFill(self.cache, res.info.nar_hash.nix32(), res.info.nar_size)
@@ -357,7 +360,6 @@ class NarService:
         position = 0
         filling: asyncio.Future[None] | None = None
         try:
-            sources = await self._remaining_sources(res, bad)
             verified = verified_nar(res.info, sources, self._events(res), fill)
             async for chunk in prefetched(verified):
                 if fill is not None:

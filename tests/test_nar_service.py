@@ -220,3 +220,32 @@ async def test_small_nars_verified_lately_stay_in_memory(tmp_path: Path) -> None
     assert nars.recent(nar_hash) is None and not nars.spooling(nar_hash)
     assert await fetch(nars, info) == nar
     assert nars.recent(nar_hash) == nar
+
+
+@pytest.mark.parametrize(("size", "spool_limit"), MODES)
+async def test_when_every_source_in_hand_fails_those_answering_later_are_waited_for(
+    tmp_path: Path, size: int, spool_limit: int
+) -> None:
+    """The broker answers as soon as the best offer is certain; if that source then fails, the
+    fetchers still to answer are waited for (refresh) and tried, rather than failing the NAR."""
+    nar = make_nar(tmp_path, size)
+    info = make_info(nar)
+    upstream = compress(nar, "zstd")
+    answered = {"flaky"}
+    refreshed: list[object] = []
+
+    def sources(res: object, exclude: set[str]) -> list[Source]:
+        found = [
+            Source("flaky", Offer(info, "test://flaky", "zstd"), serve_bytes(upstream, fail_after=100)),
+            Source("good", Offer(info, "test://good", "zstd"), serve_bytes(upstream)),
+        ]
+        return [s for s in found if s.fetcher in answered and s.fetcher not in exclude]
+
+    async def refresh(res: object) -> None:
+        refreshed.append(res)
+        answered.add("good")  # it answered meanwhile
+
+    nars = NarService(sources, NarCache(tmp_path / "cache", 1 << 30), spool_limit=spool_limit,
+                      refresh=refresh)  # type: ignore[arg-type]
+    assert await fetch(nars, info) == nar  # streamed too: nothing had gone out from flaky yet
+    assert len(refreshed) == 1
