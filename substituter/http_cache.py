@@ -172,6 +172,9 @@ class Narinfos:
         cache = nars.cache
         if cache is None or nar_hash not in cache:
             return None
+        if compressed and (small := cache.small_file(nar_hash)) is not None:
+            self.daemon.metrics.nar_bytes.inc(len(small))
+            return _zstd_nar(small)
         entry = cache.get(nar_hash)
         if entry is None or entry.file_size > SMALL_FILE or (not compressed and entry.nar_size > SMALL_FILE):
             return None
@@ -197,15 +200,14 @@ class Narinfos:
         try:
             if compressed:
                 body = await asyncio.to_thread(entry.path.read_bytes)
+                self.daemon.nars.cache.keep_small(entry, body)  # type: ignore[union-attr]
             else:
                 body = await asyncio.to_thread(NarCache._read_entry, entry)
         except Exception as exc:  # evicted meanwhile (or unreadable): a miss, never a guess
             log.warning("cached NAR %s for %s: %s", entry.nar_hash, hash_part, exc)
             return prebuilt(404, "text/plain; charset=utf-8", "no-store", f"{hash_part}: NAR left the cache ({exc})\n".encode())
         self.daemon.metrics.nar_bytes.inc(len(body))
-        if compressed:
-            return Prebuilt(200, {"Content-Type": "application/zstd", "Cache-Control": IMMUTABLE}, body)
-        return _raw_nar(body)
+        return _zstd_nar(body) if compressed else _raw_nar(body)
 
     def narinfo(self, hash_part: str) -> Prebuilt | Awaitable[Prebuilt]:
         """The answer for a valid nix32 hash part (the narinfo, or a 404 saying why): right away
@@ -252,6 +254,10 @@ class Narinfos:
             answer = entry.answers[state] = prebuilt(200, NARINFO_TYPE, NARINFO_CACHE_CONTROL,
                                                      served_narinfo(info, cached))
         return answer
+
+
+def _zstd_nar(data: bytes) -> Prebuilt:
+    return Prebuilt(200, {"Content-Type": "application/zstd", "Cache-Control": IMMUTABLE}, data)
 
 
 def _raw_nar(data: bytes) -> Prebuilt:

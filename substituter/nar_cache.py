@@ -35,6 +35,10 @@ READ_CHUNK = 256 * 1024
 SMALL_READ = 1024 * 1024
 #: Seconds between refreshes of an entry's mtime (its recency across restarts).
 TOUCH_INTERVAL = 60.0
+#: Files of entries up to this size are also kept in memory (recently used, SMALL_MEMORY in all),
+#: so that serving them reads no disk and needs no worker thread.
+SMALL_ENTRY = 64 * 1024
+SMALL_MEMORY = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,8 @@ class NarCache:
         self._entries: OrderedDict[str, CachedNar] = OrderedDict()  # least recently used first
         self._total = 0
         self._touched: dict[str, float] = {}
+        self._small: OrderedDict[str, bytes] = OrderedDict()  # file bytes of small entries, LRU
+        self._small_bytes = 0
         self._scan()
 
     def _scan(self) -> None:
@@ -78,6 +84,29 @@ class NarCache:
         for _mtime, entry in sorted(found, key=lambda item: item[0]):
             self._entries[entry.nar_hash] = entry
             self._total += entry.file_size
+
+    def small_file(self, nar_hash: str) -> bytes | None:
+        """The file of a small entry, if it is held in memory (see :meth:`keep_small`)."""
+        with self._lock:
+            data = self._small.get(nar_hash)
+            if data is not None:
+                self._small.move_to_end(nar_hash)
+                self._entries.move_to_end(nar_hash)
+            return data
+
+    def keep_small(self, entry: CachedNar, data: bytes) -> None:
+        """Hold a small entry's file bytes in memory (dropped with the entry, or when the
+        memory is needed for more recently used ones)."""
+        if entry.file_size > SMALL_ENTRY or len(data) != entry.file_size:
+            return
+        with self._lock:
+            if entry.nar_hash not in self._entries or entry.nar_hash in self._small:
+                return
+            self._small[entry.nar_hash] = data
+            self._small_bytes += len(data)
+            while self._small_bytes > SMALL_MEMORY:
+                _, old = self._small.popitem(last=False)
+                self._small_bytes -= len(old)
 
     def total_size(self) -> int:
         return self._total
@@ -169,7 +198,7 @@ class NarCache:
                 writer = None
                 errors.append(exc)
             writers.append(writer)
-        for step in (_EntryWriter.prepare, _EntryWriter.publish):
+        for step in (_EntryWriter.prepare, _EntryWriter.publish, _EntryWriter.keep_in_memory):
             for i, writer in enumerate(writers):
                 if writer is None:
                     continue
@@ -219,6 +248,9 @@ class NarCache:
 
     def _forget(self, nar_hash: str) -> None:
         self._touched.pop(nar_hash, None)
+        small = self._small.pop(nar_hash, None)
+        if small is not None:
+            self._small_bytes -= len(small)
         entry = self._entries.pop(nar_hash, None)
         if entry is not None:
             self._total -= entry.file_size
@@ -313,6 +345,17 @@ class _EntryWriter:
 
     def _check_complete(self) -> None:
         pass
+
+    def keep_in_memory(self) -> None:
+        """After :meth:`publish`: hold the file in memory too when it is small."""
+        entry = self.cache._entries.get(self.nar_hash)
+        if entry is None or entry.file_size > SMALL_ENTRY:
+            return
+        try:
+            data = entry.path.read_bytes()
+        except OSError:
+            return  # evicted meanwhile
+        self.cache.keep_small(entry, data)
 
     def _tail(self) -> bytes:
         return b""

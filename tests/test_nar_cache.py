@@ -98,3 +98,17 @@ async def test_put_many_caches_each_item_and_reports_each_error(tmp_path: Path) 
     assert await read(cache, H1) == plain and await read(cache, H3) == packed
     assert cache.get(H2) is None
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "c").iterdir()) == sorted([H1, H3])
+
+
+async def test_small_entries_are_also_held_in_memory_until_evicted(tmp_path: Path) -> None:
+    import zstandard
+
+    data = os.urandom(3000)
+    frame = zstandard.ZstdCompressor().compress(data)
+    cache = NarCache(tmp_path / "c", len(frame) + 100)  # room for one entry only
+    assert cache.put_many([(H1, len(data), frame, True)]) == [None]
+    assert cache.small_file(H1) == frame == cache.get(H1).path.read_bytes()  # type: ignore[union-attr]
+    other = os.urandom(3000)
+    cache.put_raw(H2, len(other), zstandard.ZstdCompressor().compress(other))  # evicts H1
+    assert cache.get(H1) is None and cache.small_file(H1) is None
+    assert cache.small_file(H2) is not None
