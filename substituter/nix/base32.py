@@ -6,12 +6,16 @@ bit string of the bytes written most significant digit first.
 
 from __future__ import annotations
 
+import re
+
 from ..errors import Base32Error
 
 __all__ = ["ALPHABET", "decode", "decoded_length", "encode", "encoded_length"]
 
 ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
 _DIGIT_VALUE = {char: value for value, char in enumerate(ALPHABET)}
+_TO_BASE32 = str.maketrans(ALPHABET, "0123456789abcdefghijklmnopqrstuv")
+_VALID = re.compile(f"[{ALPHABET}]*")
 
 
 def encoded_length(nbytes: int) -> int:
@@ -41,14 +45,11 @@ def encode(data: bytes) -> str:
 def decode(text: str) -> bytes:
     """Decode nix32 text strictly: known alphabet, a valid length, no bits beyond the size."""
     nbytes = decoded_length(len(text))
-    value = 0
-    for position, char in enumerate(text):
-        digit = _DIGIT_VALUE.get(char)
-        if digit is None:
-            raise Base32Error(
-                f"invalid nix32 character {char!r} at position {position} in {text!r}"
-            )
-        value = (value << 5) | digit
+    if not _VALID.fullmatch(text):
+        position, char = next((i, c) for i, c in enumerate(text) if c not in _DIGIT_VALUE)
+        raise Base32Error(f"invalid nix32 character {char!r} at position {position} in {text!r}")
+    # Same digits as Python's base 32 (0-9a-v), most significant first: int() does the rest.
+    value = int(text.translate(_TO_BASE32), 32) if text else 0
     if value >> (8 * nbytes):
         raise Base32Error(f"nix32 text {text!r} has bits set beyond its {nbytes}-byte size")
     return value.to_bytes(nbytes, "little")
