@@ -31,7 +31,7 @@ from syndicate.schema import dataspace as dataspace_schema
 from . import turns
 from .dataspace.dataspace import Dataspace
 from .errors import ProtocolError
-from .fetcher_host import local_record
+from .fetcher_host import local_offer
 from .nix.narinfo import NarInfo
 from .plugin import Fetcher, Offer
 from .protocol import Available, Failed, Intent, record_pattern
@@ -406,11 +406,10 @@ class Broker:
         if self._foreign(hash_part, fetcher):
             return
         local = self.local_fetchers.get(fetcher)
-        record = local_record(local, hash_part) if local is not None else None
+        offer = local_offer(local, hash_part) if local is not None else None
         try:
-            if record is None:  # from elsewhere: decode (and so check) the dataspace's value
-                record = Available.decode(answer.value)
-            offer = record_to_offer(record)
+            if offer is None:  # from elsewhere: decode (and so check) the dataspace's value
+                offer = record_to_offer(Available.decode(answer.value))
         except ProtocolError as exc:
             log.warning("ignoring a malformed offer for %s: %s", hash_part, exc)
             return

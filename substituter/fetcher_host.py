@@ -29,7 +29,7 @@ from .protocol import Fetcher as FetcherRecord
 from .protocol import Want, record_pattern
 from .records import offer_to_record
 
-__all__ = ["FetcherHost", "available_value", "local_record", "locate_with_policy"]
+__all__ = ["FetcherHost", "available_value", "local_offer", "local_record", "locate_with_policy"]
 
 log = logging.getLogger("substituter.fetcher")
 
@@ -86,13 +86,23 @@ def available_value(record: Any) -> Record:
 #: The Available records this process's hosts asserted, by fetcher object and hash.  An
 #: in-process broker takes an answer's record from here rather than decoding the dataspace's
 #: copy of it: the same value, without a schema decode per offer.
-_LOCAL_RECORDS: WeakKeyDictionary[Fetcher, dict[str, Any]] = WeakKeyDictionary()
+#: Per in-process fetcher: hash part -> (the Available record its host asserts, the Offer it
+#: was made from).
+_LOCAL_RECORDS: WeakKeyDictionary[Fetcher, dict[str, tuple[Any, Offer]]] = WeakKeyDictionary()
 
 
 def local_record(fetcher: Fetcher, hash_part: str) -> Any | None:
     """The Available record ``fetcher``'s host in this process currently asserts for the path."""
     records = _LOCAL_RECORDS.get(fetcher)
-    return None if records is None else records.get(hash_part)
+    entry = None if records is None else records.get(hash_part)
+    return None if entry is None else entry[0]
+
+
+def local_offer(fetcher: Fetcher, hash_part: str) -> Offer | None:
+    """The Offer behind :func:`local_record` (no need to rebuild it from the record)."""
+    records = _LOCAL_RECORDS.get(fetcher)
+    entry = None if records is None else records.get(hash_part)
+    return None if entry is None else entry[1]
 
 
 class _Answering:
@@ -167,7 +177,7 @@ class FetcherHost:
             record = offer_to_record(hash_part, name, answer)
             if self.local_answers is not None:
                 answering.record = record
-                _LOCAL_RECORDS.setdefault(self.fetcher, {})[hash_part] = record
+                _LOCAL_RECORDS.setdefault(self.fetcher, {})[hash_part] = (record, answer)
             answering.handle = turn.publish(self.ds, available_value(record))
         else:
             answering.handle = turn.publish(self.ds, Record(_UNAVAILABLE, (hash_part, name, answer.reason)))
@@ -187,8 +197,9 @@ class FetcherHost:
         if answering.handle is not None and self.local_answers is not None:
             self.local_answers.discard((answering.hash_part, self.fetcher.name))
             records = _LOCAL_RECORDS.get(self.fetcher)
-            if records is not None and answering.record is not None \
-                    and records.get(answering.hash_part) is answering.record:
+            entry = None if records is None else records.get(answering.hash_part)
+            if records is not None and answering.record is not None and entry is not None \
+                    and entry[0] is answering.record:
                 del records[answering.hash_part]
 
     def _stopped(self) -> None:
