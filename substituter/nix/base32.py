@@ -6,6 +6,7 @@ bit string of the bytes written most significant digit first.
 
 from __future__ import annotations
 
+import base64
 import re
 
 from ..errors import Base32Error
@@ -15,6 +16,7 @@ __all__ = ["ALPHABET", "decode", "decoded_length", "encode", "encoded_length"]
 ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
 _DIGIT_VALUE = {char: value for value, char in enumerate(ALPHABET)}
 _TO_BASE32 = str.maketrans(ALPHABET, "0123456789abcdefghijklmnopqrstuv")
+_FROM_RFC4648 = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", ALPHABET)
 _VALID = re.compile(f"[{ALPHABET}]*")
 
 
@@ -35,11 +37,15 @@ def decoded_length(nchars: int) -> int:
 
 def encode(data: bytes) -> str:
     """Encode bytes as nix32 text."""
-    # Treat the bytes as one little-endian integer; digit k holds bits 5k .. 5k+4.
+    # The bytes are one little-endian integer, written in 5-bit digits, most significant first:
+    # RFC 4648 base32 of that integer (big-endian, padded to whole 40-bit groups) gives the same
+    # digits in another alphabet, with some leading zero digits to drop.
+    ndigits = encoded_length(len(data))
+    if not ndigits:
+        return ""
     value = int.from_bytes(data, "little")
-    return "".join(
-        ALPHABET[(value >> (5 * k)) & 31] for k in range(encoded_length(len(data)) - 1, -1, -1)
-    )
+    digits = base64.b32encode(value.to_bytes((ndigits + 7) // 8 * 5, "big")).decode("ascii")
+    return digits[len(digits) - ndigits:].translate(_FROM_RFC4648)
 
 
 def decode(text: str) -> bytes:
