@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,8 @@ FAILURE_MEMORY = 600.0
 PROGRESS_INTERVAL = 0.5
 #: Prefetching starts no demand while this many are standing (each is one want and its answers).
 MAX_PREFETCH_ACTIVE = 20_000
+#: Prefetched demands being resolved at once.
+PREFETCH_CONCURRENCY = 128
 
 _WANT, _TRANSFER = Symbol("want"), Symbol("transfer")
 _INTENT = {"fetch": preserve(Intent.fetch()), "query": preserve(Intent.query())}
@@ -115,6 +118,8 @@ class _Active:
     #: Waiting for every fetcher's answer, not just for a decision (see Broker.settled).
     settling: list[asyncio.Future[None]] = field(default_factory=list)
     expires: float = 0.0
+    #: Started by prefetch() and not decided yet (it counts against PREFETCH_CONCURRENCY).
+    prefetch: bool = False
 
 
 class _Answer:
@@ -178,6 +183,8 @@ class Broker:
         self.live: dict[str, int] = {}
         self._live_count: dict[str, int] = {}
         self._active: dict[str, _Active] = {}
+        self._prefetch_queue: deque[str] = deque()
+        self._prefetching = 0
         self._bad: dict[tuple[str, str], float] = {}
         self._failures: dict[tuple[str, str], Any] = {}
         #: (hash, fetcher) answers made by this process's own fetcher hosts.  An answer in the
@@ -282,19 +289,36 @@ class Broker:
             timer.cancel()
 
     def prefetch(self, hash_parts: Iterable[str]) -> int:
-        """Start resolving paths nobody asked for yet, without waiting (e.g. the references of a
+        """Resolve paths nobody asked for yet, without waiting (e.g. the references of a
         narinfo just served: Nix walks the closure one request at a time, so it asks for each
         of them next).  When one is asked for, its answer is ready or on its way; an unasked
-        demand lingers and goes like any other.  Returns how many were started."""
-        started = 0
+        demand lingers and goes like any other.  At most PREFETCH_CONCURRENCY run at once, in
+        the order given, so that what a client asks meanwhile is not queued behind hundreds of
+        them.  Returns how many were queued."""
+        queued = 0
         for hash_part in hash_parts:
-            if hash_part in self._active or len(self._active) >= MAX_PREFETCH_ACTIVE:
-                continue
-            active = _Active(Demand(hash_part, dict(self.live), self.stats), "query")
+            if hash_part not in self._active and len(self._prefetch_queue) < MAX_PREFETCH_ACTIVE:
+                self._prefetch_queue.append(hash_part)
+                queued += 1
+        self._pump_prefetches()
+        return queued
+
+    def _pump_prefetches(self) -> None:
+        while self._prefetch_queue and self._prefetching < PREFETCH_CONCURRENCY \
+                and len(self._active) < MAX_PREFETCH_ACTIVE:
+            hash_part = self._prefetch_queue.popleft()
+            if hash_part in self._active:
+                continue  # asked for meanwhile
+            active = _Active(Demand(hash_part, dict(self.live), self.stats), "query", prefetch=True)
             self._active[hash_part] = active
-            started += 1
+            self._prefetching += 1
             self._external(lambda h=hash_part, a=active: self._start(h, a, "query"))  # type: ignore[misc]
-        return started
+
+    def _prefetch_done(self, active: _Active) -> None:
+        if active.prefetch:
+            active.prefetch = False
+            self._prefetching -= 1
+            self._pump_prefetches()
 
     def _give_up(self, active: _Active, future: asyncio.Future[Resolution]) -> None:
         if future.done():
@@ -443,6 +467,7 @@ class Broker:
             turns.later(self.facet, max(remaining, 0.1), lambda: self._maybe_expire(hash_part, active))
             return
         del self._active[hash_part]
+        self._prefetch_done(active)
         for handle in active.wants or ():
             turn.retract(handle)
         active.wants = None
@@ -451,6 +476,8 @@ class Broker:
         active = self._active.get(hash_part)
         if active is None:
             return
+        if active.prefetch and active.demand.decided:
+            self._prefetch_done(active)
         if active.settling and not active.demand.pending:
             settling, active.settling = active.settling, []
             for s in settling:

@@ -242,3 +242,36 @@ def test_an_expired_demand_is_asked_again(tmp_path: Path) -> None:
         assert len(calls) == 2
 
     run_with_broker([offering("cache", info, 0.0, calls=calls)], scenario, linger=0.3)
+
+
+def test_prefetch_resolves_everything_a_few_at_a_time_and_asked_paths_go_first(tmp_path: Path) -> None:
+    from substituter.broker import PREFETCH_CONCURRENCY
+
+    hashes = [f"{i:032d}" for i in range(300)]
+    infos = {h: make_info(make_nar(tmp_path / h, 100), hash_part=h) for h in hashes}
+    running = {"now": 0, "most": 0}
+    asked: list[str] = []
+
+    async def locate(hash_part: str) -> Offer | Unavailable:
+        asked.append(hash_part)
+        running["now"] += 1
+        running["most"] = max(running["most"], running["now"])
+        await asyncio.sleep(0.01)
+        running["now"] -= 1
+        return Offer(infos[hash_part], "test://slow")
+
+    fetcher = FunctionFetcher("slow", locate, serve_bytes(b""))
+
+    async def scenario(broker: Broker, _root: Any) -> None:
+        assert broker.prefetch(hashes) == len(hashes)
+        last = hashes[-1]
+        started = time.monotonic()
+        res = await broker.resolve(last, "query")  # asked now: not queued behind 99 others
+        assert res.info is not None and time.monotonic() - started < 0.5
+        assert asked.index(last) < PREFETCH_CONCURRENCY + 1
+        for h in hashes:  # everything gets resolved, each once
+            assert (await broker.resolve(h, "query")).info is not None
+        assert sorted(asked) == sorted(hashes)
+        assert running["most"] <= PREFETCH_CONCURRENCY + 1
+
+    run_with_broker([fetcher], scenario)
