@@ -167,7 +167,7 @@ class Narinfos:
             if data is not None:
                 self.daemon.metrics.nar_bytes.inc(len(data))
                 return _raw_nar(data)
-            if nars.spooling(nar_hash):
+            if nars.spooling_small(nar_hash):
                 return self._fetched_nar(nar_hash, hash_part)
         cache = nars.cache
         if cache is None or nar_hash not in cache:

@@ -60,6 +60,7 @@ class NarService:
         self._events = events or (lambda res: TransferEvents())
         self._spooling: dict[str, asyncio.Task[bytes | None]] = {}
         self._prefetches: set[asyncio.Future[bytes | None]] = set()
+        self._small_spools: set[asyncio.Future[bytes | None]] = set()
         self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._recent_bytes = 0
         #: Cache writes of small NARs already handed out from memory (finished in a worker).
@@ -94,10 +95,11 @@ class NarService:
             self._recent.move_to_end(nar_hash)
         return data
 
-    def spooling(self, nar_hash: str) -> bool:
-        """Whether the NAR is being fetched into the cache right now (e.g. prefetched)."""
+    def spooling_small(self, nar_hash: str) -> bool:
+        """Whether a small NAR (one spooled in memory) is being fetched right now (e.g.
+        prefetched): a request for it can wait for those bytes."""
         task = self._spooling.get(nar_hash)
-        return task is not None and not task.done()
+        return task is not None and not task.done() and task in self._small_spools
 
     def _remember(self, nar_hash: str, data: bytes) -> None:
         if nar_hash in self._recent or len(data) > RECENT_LIMIT // 16:
@@ -235,8 +237,12 @@ class NarService:
         return await asyncio.shield(task)
 
     def _start_spool(self, res: Resolution, nar_hash: str) -> asyncio.Task[bytes | None]:
+        assert res.info is not None
         task = asyncio.ensure_future(self._spool(res, nar_hash))
         self._spooling[nar_hash] = task
+        if res.info.nar_size <= MEMORY_SPOOL:
+            self._small_spools.add(task)
+            task.add_done_callback(self._small_spools.discard)
         task.add_done_callback(lambda t: self._release(nar_hash, t))
         return task
 

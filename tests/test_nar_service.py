@@ -217,7 +217,7 @@ async def test_small_nars_verified_lately_stay_in_memory(tmp_path: Path) -> None
     info = make_info(nar)
     nars, cache = service(tmp_path, [("z", compress(nar, "zstd"), "zstd", None)])
     nar_hash = info.nar_hash.nix32()
-    assert nars.recent(nar_hash) is None and not nars.spooling(nar_hash)
+    assert nars.recent(nar_hash) is None and not nars.spooling_small(nar_hash)
     assert await fetch(nars, info) == nar
     assert nars.recent(nar_hash) == nar
 
