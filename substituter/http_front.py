@@ -245,32 +245,24 @@ class FrontProtocol(asyncio.Protocol):
             head_only = m.group(1) == b"HEAD"
             hash_part = m.group(2)
             found: Prebuilt | Awaitable[Prebuilt] | None
-            if m.group(3) is not None:  # a NAR
+            if m.group(3) is not None:  # a NAR: ours only when small and in hand
                 found = None if _RANGE.search(block) else answers.cached_nar(
                     m.group(3).decode("ascii"), m.group(4).decode("ascii"), m.group(5) is not None)
                 if found is None:
                     self._hand_off(out, buf[pos:])
                     return
-                pos = stop
-                if not isinstance(found, Prebuilt):
-                    self.buffer = buf[pos:]
-                    self._write(out)
-                    self.pending = asyncio.ensure_future(self._wait(found, head_only))
-                    return
-                answer = found
             elif hash_part is None:
-                pos = stop
-                answer = answers.cache_info()
+                found = answers.cache_info()
             else:
-                pos = stop
                 found = answers.narinfo(hash_part.decode("ascii"))
-                if not isinstance(found, Prebuilt):
-                    # Still being located: the rest of the buffer waits its turn.
-                    self.buffer = buf[pos:]
-                    self._write(out)
-                    self.pending = asyncio.ensure_future(self._wait(found, head_only))
-                    return
-                answer = found
+            pos = stop
+            if not isinstance(found, Prebuilt):
+                # Still being looked up: the rest of the buffer waits its turn.
+                self.buffer = buf[pos:]
+                self._write(out)
+                self.pending = asyncio.ensure_future(self._wait(found, head_only))
+                return
+            answer = found
             out.append(answer.head)
             out.append(self.server.date())
             if not head_only:
