@@ -38,7 +38,7 @@ TOUCH_INTERVAL = 60.0
 #: Files of entries up to this size are also kept in memory (recently used, SMALL_MEMORY in all),
 #: so that serving them reads no disk and needs no worker thread.
 SMALL_ENTRY = 64 * 1024
-SMALL_MEMORY = 16 * 1024 * 1024
+SMALL_MEMORY = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ MEMORY_SPOOL = 1024 * 1024
 #: Bytes of handed-out small NARs waiting for their cache write, beyond which a spool waits.
 WRITE_BEHIND_LIMIT = 64 * 1024 * 1024
 #: Recently verified small NARs kept in memory (bytes in all), served with no disk read.
-RECENT_LIMIT = 16 * 1024 * 1024
+RECENT_LIMIT = 8 * 1024 * 1024
 
 SourcesFn = Callable[["Resolution", set[str]], list[Source]]
 #: Waits until every fetcher has answered for the path (after the sources in hand failed).
