@@ -179,43 +179,18 @@ class NarService:
         the NAR starts over with the remaining sources; nothing is returned unless it verified.
         """
         assert res.info is not None
-        bad: set[str] = set()
-        failed: set[str] = set()
-        for _attempt in range(MAX_RESTARTS + 1):
-            sources = await self._remaining_sources(res, bad | failed)
-            if not sources:
-                break
+        tries = self._tries(res)
+        while sources := await tries.next():
             try:
                 chunks = [chunk async for chunk in verified_nar(res.info, sources, self._events(res))]
             except TransferFailed as exc:
-                await self._after_failure(res, exc, sources, bad, failed)
+                await tries.failed(exc, sources)
                 continue
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        raise _nobody_left(res, bad, failed)
+        raise tries.nobody_left()
 
-    async def _remaining_sources(self, res: Resolution, exclude: set[str]) -> list[Source]:
-        """Sources not excluded; once some were (they sent wrong bytes, or failed), fetchers
-        still to answer are waited for: the broker answers as soon as the best looked certain."""
-        sources = self._sources(res, exclude)
-        if not sources and exclude and self._refresh is not None:
-            await self._refresh(res)
-            sources = self._sources(res, exclude)
-        return sources
-
-    async def _after_failure(self, res: Resolution, exc: TransferFailed, sources: list[Source],
-                             bad: set[str], failed: set[str]) -> None:
-        """Note who failed; raise ``exc`` when nobody else can be tried."""
-        assert res.info is not None
-        if exc.bad:
-            bad.update(exc.bad)
-            log.warning("%s: starting over without %s", res.info.store_path, ", ".join(exc.bad))
-            return
-        # Every source in hand failed on its own (none sent wrong bytes): others may have
-        # answered since, or may still answer.
-        failed.update(source.fetcher for source in sources)
-        if not await self._remaining_sources(res, bad | failed):
-            raise exc
-        log.info("%s: trying fetchers that answered since", res.info.store_path)
+    def _tries(self, res: Resolution) -> _Tries:
+        return _Tries(res, self._sources, self._refresh)
 
     async def _spool_once(self, res: Resolution, nar_hash: str) -> bytes | None:
         """One spool per NAR at a time; concurrent requests wait for the same one.
@@ -294,12 +269,8 @@ class NarService:
     async def _spool(self, res: Resolution, nar_hash: str) -> bytes | None:
         assert self.cache is not None and res.info is not None
         in_memory = res.info.nar_size <= MEMORY_SPOOL
-        bad: set[str] = set()
-        failed: set[str] = set()
-        for _attempt in range(MAX_RESTARTS + 1):
-            sources = await self._remaining_sources(res, bad | failed)
-            if not sources:
-                break
+        tries = self._tries(res)
+        while sources := await tries.next():
             if in_memory:
                 tee: _MemoryTee | _CacheFill = _MemoryTee()
             else:
@@ -326,24 +297,20 @@ class NarService:
             except TransferFailed as exc:
                 if isinstance(tee, _CacheFill):
                     tee.abort()
-                await self._after_failure(res, exc, sources, bad, failed)
+                await tries.failed(exc, sources)
             except BaseException:
                 if isinstance(tee, _CacheFill):
                     tee.abort()
                 raise
-        raise _nobody_left(res, bad, failed)
+        raise tries.nobody_left()
 
     async def _stream_through(self, res: Resolution, offset: int) -> AsyncIterator[bytes]:
         """Stream while verifying; if the sources fail before anything was handed out (wrong
         bytes, or every one failing), the NAR starts over from the others, waiting for fetchers
         still to answer; after that, the stream must fail."""
         assert res.info is not None
-        bad: set[str] = set()
-        failed: set[str] = set()
-        for _attempt in range(MAX_RESTARTS + 1):
-            sources = await self._remaining_sources(res, bad | failed)
-            if not sources:
-                break
+        tries = self._tries(res)
+        while sources := await tries.next():
             yielded = False
             try:
                 async for chunk in self._stream_once(res, offset, sources):
@@ -353,8 +320,8 @@ class NarService:
             except TransferFailed as exc:
                 if yielded:
                     raise
-                await self._after_failure(res, exc, sources, bad, failed)
-        raise _nobody_left(res, bad, failed)
+                await tries.failed(exc, sources)
+        raise tries.nobody_left()
 
     async def _stream_once(self, res: Resolution, offset: int, sources: list[Source]) -> AsyncIterator[bytes]:
         assert res.info is not None
@@ -495,9 +462,55 @@ def _quietly(task: asyncio.Future[bytes | None]) -> None:
         log.debug("prefetch failed: %s", exc)
 
 
-def _nobody_left(res: Resolution, bad: set[str], failed: set[str]) -> TransferFailed:
-    assert res.info is not None
-    why = [f"wrong bytes from {', '.join(sorted(bad))}"] if bad else []
-    why += [f"{', '.join(sorted(failed))} failed"] if failed else []
-    return TransferFailed(f"no source could deliver {res.info.store_path}: "
-                          + ("; ".join(why) or "no trusted source left"), sorted(bad))
+class _Tries:
+    """The sources to try for one NAR, attempt after attempt (at most MAX_RESTARTS restarts).
+
+    A source that sent wrong bytes is never tried again; when every source in hand failed on
+    its own, the fetchers still to answer are waited for (``refresh``: the broker answers as soon
+    as the best offer looked certain) and tried next.
+    """
+
+    def __init__(self, res: Resolution, sources: SourcesFn, refresh: RefreshFn | None) -> None:
+        assert res.info is not None
+        self.res = res
+        self.info = res.info
+        self._sources = sources
+        self._refresh = refresh
+        self.bad: set[str] = set()
+        self.gave_out: set[str] = set()  # failed on their own
+        self._left = MAX_RESTARTS + 1
+
+    async def next(self) -> list[Source]:
+        """The sources for the next attempt; empty when nothing (or no attempt) is left."""
+        if self._left <= 0:
+            return []
+        self._left -= 1
+        return await self._remaining()
+
+    async def failed(self, exc: TransferFailed, sources: list[Source]) -> None:
+        """Note who failed in the attempt with ``sources``; raise ``exc`` when nobody else can
+        be tried."""
+        if exc.bad:
+            self.bad.update(exc.bad)
+            log.warning("%s: starting over without %s", self.info.store_path, ", ".join(exc.bad))
+            return
+        # Every source in hand failed on its own (none sent wrong bytes): others may have
+        # answered since, or may still answer.
+        self.gave_out.update(source.fetcher for source in sources)
+        if not await self._remaining():
+            raise exc
+        log.info("%s: trying fetchers that answered since", self.info.store_path)
+
+    def nobody_left(self) -> TransferFailed:
+        why = [f"wrong bytes from {', '.join(sorted(self.bad))}"] if self.bad else []
+        why += [f"{', '.join(sorted(self.gave_out))} failed"] if self.gave_out else []
+        return TransferFailed(f"no source could deliver {self.info.store_path}: "
+                              + ("; ".join(why) or "no trusted source left"), sorted(self.bad))
+
+    async def _remaining(self) -> list[Source]:
+        exclude = self.bad | self.gave_out
+        sources = self._sources(self.res, exclude)
+        if not sources and exclude and self._refresh is not None:
+            await self._refresh(self.res)
+            sources = self._sources(self.res, exclude)
+        return sources
