@@ -10,7 +10,9 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -131,3 +133,13 @@ def nix_keys(nix: Nix, tmp_path: Path) -> tuple[Path, Path, str]:
     sk, pk = tmp_path / "sk", tmp_path / "pk"
     nix.run("nix-store", "--generate-binary-cache-key", f"test-{time.time_ns()}", str(sk), str(pk))
     return sk, pk, pk.read_text().strip()
+
+
+@pytest.fixture
+def fetchers() -> Iterator[list[Any]]:
+    """Collects out-of-process fetchers a test starts (anything with ``stop()``), so each is
+    stopped when the test ends."""
+    started: list[Any] = []
+    yield started
+    for f in started:
+        f.stop()

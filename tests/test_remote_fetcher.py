@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,15 +78,6 @@ class FetcherProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-
-
-@pytest.fixture
-def fetchers() -> Iterator[list[FetcherProcess]]:
-    """Collects fetcher processes a test starts, so each is stopped when the test ends."""
-    started: list[FetcherProcess] = []
-    yield started
-    for f in started:
-        f.stop()
 
 
 def status(daemon: DaemonProcess, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

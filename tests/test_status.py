@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -54,14 +54,6 @@ def section(text: str, title: str) -> list[str]:
 def cache(nix: Nix, nix_keys: tuple[Path, Path, str], tmp_path: Path) -> BuiltCache:
     # Uncompressed, so a flipped byte reaches the NAR hash rather than breaking a decoder.
     return build_cache(nix, nix_keys, tmp_path / "cache", "none")
-
-
-@pytest.fixture
-def fetchers() -> Iterator[list[FetcherProcess]]:
-    started: list[FetcherProcess] = []
-    yield started
-    for f in started:
-        f.stop()
 
 
 def test_one_shot_status_shows_supply_demand_and_failures(
