@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import bz2
 import lzma
-from collections.abc import Callable, Generator
-from typing import IO, Protocol, cast
+from collections.abc import Callable
+from typing import Protocol, cast
 
 import brotli  # ships no type hints (mypy: ignore_missing_imports)
 import zstandard
 
 from substituter.errors import CompressionError, SizeMismatch
+
+from .zstd_frames import ZstdDecoder
 
 __all__ = [
     "SUPPORTED",
@@ -64,7 +66,7 @@ def decompressor(name: str, max_output: int | None = None) -> Decompressor:
     if name == "bzip2":
         return _StdlibDecoder("bzip2", bz2.BZ2Decompressor, max_output)
     if name == "zstd":
-        return _ZstdDecoder(max_output)
+        return ZstdDecoder(max_output)  # whole units at a time, see zstd_frames
     return _BrotliDecoder(max_output)
 
 
@@ -183,128 +185,6 @@ class _BrotliDecoder:
         if not self._decoder.is_finished():
             raise CompressionError("br stream is truncated")
         return b"".join(out)
-
-
-class _Collector:
-    """The file-like object zstandard's stream_writer writes each output piece to."""
-
-    def __init__(self, budget: _Budget) -> None:
-        self.budget = budget
-        self.out: list[bytes] = []
-
-    def write(self, chunk: bytes) -> int:
-        self.budget.take(bytes(chunk), self.out)  # raises SizeMismatch mid-decode
-        return len(chunk)
-
-
-class _ZstdDecoder:
-    """zstd via stream_writer, which hands output over in pieces of at most ``_STEP``.
-
-    (``decompressobj().decompress`` would return a bomb's whole output at once.)
-    stream_writer cannot say whether the last frame ended, so ``_ZstdFrames`` follows
-    the frame structure alongside to detect truncation.
-    """
-
-    def __init__(self, max_output: int | None) -> None:
-        self._collector = _Collector(_Budget("zstd", max_output))
-        self._writer = zstandard.ZstdDecompressor().stream_writer(
-            cast(IO[bytes], self._collector), write_size=_STEP, closefd=False
-        )
-        self._frames = _ZstdFrames()
-
-    def decode(self, data: bytes) -> bytes:
-        self._frames.feed(data)
-        try:
-            self._writer.write(data)
-        except zstandard.ZstdError as exc:
-            raise CompressionError(f"corrupt zstd data: {exc}") from exc
-        out, self._collector.out = self._collector.out, []
-        return b"".join(out)
-
-    def flush(self) -> bytes:
-        if not self._frames.complete:
-            raise CompressionError("zstd stream is truncated")
-        return b""
-
-
-class _ZstdFrames:
-    """Follows zstd frame boundaries (RFC 8878 section 3.1) without decoding any block."""
-
-    _MAGIC = 0xFD2FB528
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._want = 0  # header bytes the grammar asked for
-        self._skip = 0  # block or frame bytes to pass over
-        self._frames = 0
-        self._between_frames = False
-        self._grammar = self._stream()
-        self._resume(None)
-
-    @property
-    def complete(self) -> bool:
-        """True when at least one frame was seen and the input ends between frames."""
-        return self._frames > 0 and self._between_frames and not self._buf
-
-    def feed(self, data: bytes) -> None:
-        view = memoryview(data)
-        while True:
-            if self._skip:
-                n = min(self._skip, len(view))
-                self._skip -= n
-                view = view[n:]
-                if self._skip:
-                    return
-                self._resume(None)
-                continue
-            if not view:
-                return
-            take = min(self._want - len(self._buf), len(view))
-            self._buf += view[:take]
-            view = view[take:]
-            if len(self._buf) == self._want:
-                header = bytes(self._buf)
-                self._buf.clear()
-                self._resume(header)
-
-    def _resume(self, value: bytes | None) -> None:
-        while True:
-            request = self._grammar.send(value)
-            if request > 0:
-                self._want = request
-                return
-            self._skip = -request
-            if self._skip:
-                return
-            value = None  # an empty block: nothing to skip, carry on
-
-    def _stream(self) -> Generator[int, bytes | None, None]:
-        """Yields n > 0 to read n header bytes, -n to skip n bytes."""
-        while True:
-            self._between_frames = True
-            magic = int.from_bytes((yield 4) or b"", "little")
-            self._between_frames = False
-            if magic & 0xFFFFFFF0 == 0x184D2A50:  # skippable frame
-                yield -int.from_bytes((yield 4) or b"", "little")
-                self._frames += 1
-                continue
-            if magic != self._MAGIC:
-                raise CompressionError(f"corrupt zstd data: bad frame magic {magic:#x}")
-            descriptor = ((yield 1) or b"\0")[0]
-            single_segment = descriptor >> 5 & 1
-            fcs_size = (single_segment, 2, 4, 8)[descriptor >> 6]
-            header_rest = (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3] + fcs_size
-            if header_rest:
-                yield header_rest
-            while True:
-                block = int.from_bytes((yield 3) or b"", "little")
-                kind, size = block >> 1 & 3, block >> 3
-                yield -(1 if kind == 1 else size)  # an RLE block stores one byte
-                if block & 1:
-                    break
-            if descriptor >> 2 & 1:
-                yield -4  # content checksum
-            self._frames += 1
 
 
 # -- encoders ---------------------------------------------------------------------------
