@@ -73,6 +73,7 @@ class LocalMirrorFetcher(Fetcher):
     ) -> None:
         super().__init__(name, options, context, priority)
         self.root = options.path.expanduser().absolute()
+        self._real_root: str | None = None  # realpath of root + "/", resolved once on first open
         #: The mirror's ``Priority`` from nix-cache-info, when it has one.
         self.cache_priority: int | None = None
 
@@ -151,10 +152,11 @@ class LocalMirrorFetcher(Fetcher):
         peer on the dataspace must not be able to make the daemon read other local files.
         """
         path = file_uri_path(offer.uri)
-        if not os.path.realpath(path).startswith(os.path.realpath(self.root) + os.sep):
-            raise NotAvailable(f"{self.name}: {path} is not inside {self.root}")
+        if self._real_root is None:
+            self._real_root = os.path.realpath(self.root) + os.sep
         loop = asyncio.get_running_loop()
-        fd, chunk = await loop.run_in_executor(None, _open_and_read, path, offset)
+        # The containment check (a dozen lstat calls) runs in the same worker call as the read.
+        fd, chunk = await loop.run_in_executor(None, _open_and_read, path, offset, self._real_root)
         if fd is None:  # a small file: read whole in that one call
             if chunk:
                 yield chunk
@@ -177,9 +179,11 @@ class LocalMirrorFetcher(Fetcher):
             os.close(fd)
 
 
-def _open_and_read(path: Path, offset: int) -> tuple[int | None, bytes]:
-    """Open ``path`` and read its first piece from ``offset``; the fd is closed again (None)
-    when that piece reached the end of the file."""
+def _open_and_read(path: Path, offset: int, real_root: str) -> tuple[int | None, bytes]:
+    """Open ``path`` (only when it really lies under ``real_root``) and read its first piece
+    from ``offset``; the fd is closed again (None) when that piece reached the end of the file."""
+    if not os.path.realpath(path).startswith(real_root):
+        raise NotAvailable(f"{path} is not inside {real_root.rstrip(os.sep)}")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError as exc:

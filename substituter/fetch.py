@@ -294,14 +294,17 @@ async def fetch_closure(runtime: Any, store: Store, roots: list[str], *, jobs: i
 
 
 def run_fetch(config: Any, targets: list[str], store_spec: str, *, jobs: int = 8,
-              require_sigs: bool = True, out: TextIO = sys.stderr) -> int:
-    """The whole `substituter fetch`: returns the exit code (0 all present, 1 failures)."""
+              require_sigs: bool = True, out: TextIO = sys.stderr,
+              started: StartedDaemon | None = None) -> int:
+    """The whole `substituter fetch`: returns the exit code (0 all present, 1 failures).
+    ``started``: the chroot's daemon, when the caller started it already (:func:`start_store`)."""
     # A chroot's nix-daemon starts first and comes up while the rest is imported and set up.
-    try:
-        started = start_store(store_spec)
-    except SubstituterError as exc:
-        print(f"error: {exc}", file=out)
-        return 1
+    if started is None:
+        try:
+            started = start_store(store_spec)
+        except SubstituterError as exc:
+            print(f"error: {exc}", file=out)
+            return 1
     try:
         return _run_fetch(config, targets, store_spec, started, jobs=jobs, require_sigs=require_sigs, out=out)
     finally:

@@ -147,10 +147,36 @@ class StartedDaemon:
         self._sock.close()
         self._stderr.close()
 
+    async def _exited(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        """Wait until the child exits, woken by its pidfd (no polling; Linux >= 5.3), or
+        return at once where there is none (the caller then polls)."""
+        try:
+            pidfd = os.pidfd_open(self.process.pid)
+        except (AttributeError, OSError):
+            return
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        try:
+            loop.add_reader(pidfd, readable)
+            try:
+                await asyncio.wait_for(exited, timeout)
+            except TimeoutError:
+                pass
+            finally:
+                loop.remove_reader(pidfd)
+        finally:
+            os.close(pidfd)
+
     async def reap(self, timeout: float = 10.0) -> None:
         """Wait for the child to exit (it does at end of input), killing it if it does not."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        if self.process.poll() is None:
+            await self._exited(loop, timeout)
         delay = 0.001
         while self.process.poll() is None:
             if loop.time() > deadline:
