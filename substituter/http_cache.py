@@ -58,12 +58,15 @@ def nar_url(info: NarInfo, compressed: bool) -> str:
     return f"nar/{info.nar_hash.nix32()}-{info.hash_part}.nar" + (".zst" if compressed else "")
 
 
-def served_narinfo(info: NarInfo, cached: CachedNar | None) -> bytes:
+def served_narinfo(info: NarInfo, cached: CachedNar | None, verify_first: int) -> bytes:
     """The upstream narinfo with its signatures, describing our own file of the NAR instead.
 
-    A NAR already in the verified cache is offered as that zstd file (sent with sendfile);
-    otherwise as the plain NAR, streamed while it is verified (no compression work on the way,
-    and a known length).  Both URLs stay valid whatever the cache holds later.
+    A NAR already in the verified cache is offered as that zstd file (sent with sendfile).  One
+    that is not: as the plain NAR when it is verified whole before it is sent (up to
+    ``verify_first`` bytes, nar-cache.verify-first), else as a zstd stream, which passes on a zstd
+    source's own blocks as they verify (the client decodes them, as it would have from the
+    source; the file's hash and size are not known up front).  All these URLs stay valid
+    whatever the cache holds later.
 
     Rendered once per narinfo object and cache state: a resolution hands out the same
     :class:`NarInfo` object for as long as it stands, so repeated requests reuse the bytes.
@@ -74,6 +77,8 @@ def served_narinfo(info: NarInfo, cached: CachedNar | None) -> bytes:
     if body is None:
         if cached is not None:
             body = info.with_file(nar_url(info, True), "zstd", None, cached.file_size).to_bytes()
+        elif info.nar_size > verify_first:
+            body = info.with_file(nar_url(info, True), "zstd", None, None).to_bytes()
         else:
             body = info.with_file(nar_url(info, False), "none", info.nar_hash, info.nar_size).to_bytes()
         entry.bodies[state] = body
@@ -252,7 +257,7 @@ class Narinfos:
         answer = entry.answers.get(state)
         if answer is None:
             answer = entry.answers[state] = prebuilt(200, NARINFO_TYPE, NARINFO_CACHE_CONTROL,
-                                                     served_narinfo(info, cached))
+                                                     served_narinfo(info, cached, nars.spool_limit))
         return answer
 
 

@@ -15,7 +15,8 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from .nar_cache import CachedNar, CacheWriter, NarCache, RawCacheWriter, ZstdFrame
+from .nar_cache import CachedNar, CacheWriter, NarCache, RawCacheWriter
+from .nix.zstd_frames import ZstdRelay
 from .transfer import THREAD_THRESHOLD, Source, TransferEvents, TransferFailed, prefetched, verified_nar
 
 if TYPE_CHECKING:
@@ -127,30 +128,16 @@ class NarService:
         return self.cache.get(nar_hash)
 
     async def stream_zstd(self, res: Resolution) -> AsyncIterator[bytes]:
-        """A zstd frame of the verified NAR, produced while it streams (teed into the cache).
+        """The verified NAR as a zstd stream, for a client that decodes it (teed into the cache).
 
-        The frame's end (with its checksum) is yielded only after the NAR verified, so a client
-        never holds a complete frame of unverified bytes.
+        A zstd source's own blocks are passed on once the NAR bytes they carry verified, so
+        nothing is sent decoded and the client decodes what it would have fetched itself; bytes
+        from any other source (or after a failover) follow as raw blocks (see ZstdRelay).  The
+        transfer holds its last chunk back until the NarHash checks, so the client cannot finish
+        the NAR before that; restarts are those of :meth:`stream`.
         """
-        assert res.info is not None
-        info = res.info
-        writer: CacheWriter | ZstdFrame
-        if self.cache is not None:
-            writer = self.cache.writer(info.nar_hash.nix32(), info.nar_size)
-        else:
-            writer = ZstdFrame(info.nar_size)
-        try:
-            verified = verified_nar(info, self._sources(res, set()), self._events(res))
-            async for chunk in prefetched(verified):
-                compress = writer.write if isinstance(writer, CacheWriter) else writer.compress
-                out = await asyncio.to_thread(compress, chunk)
-                if out:
-                    yield out
-            yield await writer.commit() if isinstance(writer, CacheWriter) else writer.finish()
-        except BaseException:
-            if isinstance(writer, CacheWriter):
-                writer.abort()
-            raise
+        async for piece in self._stream_through(res, 0, zstd=True):
+            yield piece
 
     async def stream(self, res: Resolution, offset: int = 0) -> AsyncIterator[bytes]:
         """Yield the verified NAR from ``offset``; raises TransferFailed when it cannot."""
@@ -304,7 +291,7 @@ class NarService:
                 raise
         raise tries.nobody_left()
 
-    async def _stream_through(self, res: Resolution, offset: int) -> AsyncIterator[bytes]:
+    async def _stream_through(self, res: Resolution, offset: int, zstd: bool = False) -> AsyncIterator[bytes]:
         """Stream while verifying; if the sources fail before anything was handed out (wrong
         bytes, or every one failing), the NAR starts over from the others, waiting for fetchers
         still to answer; after that, the stream must fail."""
@@ -313,7 +300,7 @@ class NarService:
         while sources := await tries.next():
             yielded = False
             try:
-                async for chunk in self._stream_once(res, offset, sources):
+                async for chunk in self._stream_once(res, offset, sources, zstd):
                     yielded = True
                     yield chunk
                 return
@@ -323,17 +310,19 @@ class NarService:
                 await tries.failed(exc, sources)
         raise tries.nobody_left()
 
-    async def _stream_once(self, res: Resolution, offset: int, sources: list[Source]) -> AsyncIterator[bytes]:
+    async def _stream_once(self, res: Resolution, offset: int, sources: list[Source],
+                           zstd: bool) -> AsyncIterator[bytes]:
         assert res.info is not None
         fill = (
             _CacheFill(self.cache, res.info.nar_hash.nix32(), res.info.nar_size)
             if self.cache is not None
             else None
         )
+        relay = ZstdRelay() if zstd else None
         position = 0
         filling: asyncio.Future[None] | None = None
         try:
-            verified = verified_nar(res.info, sources, self._events(res), fill)
+            verified = verified_nar(res.info, sources, self._events(res), fill, relay)
             async for chunk in prefetched(verified):
                 if fill is not None:
                     # Filling the cache (compressing, when the source's own file is not zstd)
@@ -341,10 +330,17 @@ class NarService:
                     if filling is not None:
                         await filling
                     filling = asyncio.ensure_future(fill.add(chunk))
+                if relay is not None:
+                    pieces = relay.forward(chunk)
+                    if pieces:
+                        yield b"".join(pieces)
+                    continue
                 end = position + len(chunk)
                 if end > offset:
                     yield chunk[max(0, offset - position):]
                 position = end
+            if relay is not None and (tail := relay.finish()):
+                yield tail
             if fill is not None:
                 if filling is not None:
                     await filling

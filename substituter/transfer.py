@@ -27,10 +27,11 @@ from .errors import (
     TransientFetchError,
     VerificationError,
 )
-from .nix.compression import decompressor, normalize
+from .nix.compression import Decompressor, decompressor, normalize
 from .nix.hashes import Hash
 from .nix.nar import NarParser
 from .nix.narinfo import NarInfo
+from .nix.zstd_frames import ZstdRelay
 from .plugin import Offer
 
 __all__ = ["RawSink", "Source", "TransferEvents", "TransferFailed", "prefetched", "verified_nar"]
@@ -320,15 +321,23 @@ async def _decoded(received: AsyncIterator[bytes], pipeline: _SourceBytes) -> As
 
 
 async def _checked_chunks(
-    source: Source, checker: _Checker, stall: float, raw_sink: RawSink | None = None
+    source: Source, checker: _Checker, stall: float, raw_sink: RawSink | None = None,
+    relay: ZstdRelay | None = None,
 ) -> AsyncIterator[bytes]:
     """The source's NAR bytes from where ``checker`` is, each piece fed to it before it is
-    yielded: ranged when the source is uncompressed, decompressed and skipped otherwise."""
+    yielded: ranged when the source is uncompressed, decompressed and skipped otherwise (a zstd
+    source from byte 0 by ``relay``'s decoder, when given, so that its blocks can be passed on)."""
     compression = normalize(source.offer.compression)
     raw = compression == "none"
     offset = checker.size
     stream = source.open(source.offer, offset if raw else 0)
-    decoder = None if raw else decompressor(compression, max_output=checker.expected_size)
+    decoder: Decompressor | None
+    if raw:
+        decoder = None
+    elif relay is not None and compression == "zstd" and offset == 0:
+        decoder = relay.decoder(checker.expected_size)
+    else:
+        decoder = decompressor(compression, max_output=checker.expected_size)
     pipeline = _SourceBytes(decoder, 0 if raw else offset, checker, raw_sink)
     try:
         received = _coalesced(_with_stall_timeout(stream, stall, source.fetcher), COALESCE)
@@ -363,24 +372,27 @@ async def verified_nar(
     sources: list[Source],
     events: TransferEvents | None = None,
     raw_sink: RawSink | None = None,
+    relay: ZstdRelay | None = None,
 ) -> AsyncIterator[bytes]:
     """Yield the NAR of ``info`` from ``sources`` (best first), verified as described above.
 
     Raises :class:`TransferFailed` when no source can finish; bytes yielded before that are a
     correct prefix only as far as the parser could tell, so the consumer must abort (never
     present a short or unverified stream as complete).  ``raw_sink`` is offered the bytes of a
-    source that starts at NAR byte 0 (see :class:`RawSink`).
+    source that starts at NAR byte 0 (see :class:`RawSink`); ``relay`` decodes a zstd source
+    that starts there, for the consumer to pass its blocks on (see ZstdRelay).
     """
     events = events or TransferEvents()
     try:
-        async for chunk in _verified_nar(info, sources, events, raw_sink):
+        async for chunk in _verified_nar(info, sources, events, raw_sink, relay):
             yield chunk
     finally:
         events.done()
 
 
 async def _verified_nar(
-    info: NarInfo, sources: list[Source], events: TransferEvents, raw_sink: RawSink | None
+    info: NarInfo, sources: list[Source], events: TransferEvents, raw_sink: RawSink | None,
+    relay: ZstdRelay | None,
 ) -> AsyncIterator[bytes]:
     checker = _Checker(info, events.content_hash)
     pending: bytes | None = None
@@ -392,7 +404,8 @@ async def _verified_nar(
         finished = False
         try:
             teeing = raw_sink is not None and start == 0 and raw_sink.start(normalize(source.offer.compression))
-            async for chunk in _checked_chunks(source, checker, events.stall_timeout, raw_sink if teeing else None):
+            async for chunk in _checked_chunks(source, checker, events.stall_timeout,
+                                               raw_sink if teeing else None, relay):
                 if pending is not None:
                     yield pending
                 pending = chunk

@@ -285,3 +285,60 @@ def test_references_and_small_nars_are_fetched_ahead_of_nix(nix: Nix, nix_keys, 
         url = next(line[5:] for line in served.splitlines() if line.startswith("URL: "))
         nar = client.get(f"/{url}")
         assert nar.status_code == 200 and nar.content == nix.run("nix-store", "--dump", cache.top)
+
+
+def big_zstd_cache(nix: Nix, nix_keys, dest: Path) -> tuple[str, Path, str]:
+    """One path of ~3 MiB (random and text: many zstd blocks, raw and compressed) published
+    with zstd; returns the path, its NAR file in the cache and the public key."""
+    stamp = time.time_ns()
+    script = ("mkdir $out; head -c 1500000 /dev/urandom > $out/random; "
+              "seq -f 'line %.0f of text' 1 100000 > $out/text")
+    path = nix.build(
+        f'derivation {{ name = "big-zstd"; system = builtins.currentSystem; builder = "/bin/sh"; '
+        f'args = [ "-c" "{script}" ]; PATH = "/usr/bin:/bin"; stamp = "{stamp}"; }}'
+    )[0]
+    secret_key, _, public_key = nix_keys
+    nix.run("nix", "store", "sign", "--key-file", str(secret_key), path)
+    nix.run("nix", "copy", "--to", f"file://{dest}?compression=zstd", path)
+    narinfo = (dest / f"{Path(path).name[:32]}.narinfo").read_text()
+    url = next(line[5:] for line in narinfo.splitlines() if line.startswith("URL: "))
+    return path, dest / url, public_key
+
+
+def test_a_streamed_zstd_nar_is_passed_on_as_its_own_blocks(nix: Nix, nix_keys, tmp_path: Path, serve_cache) -> None:
+    """A NAR that streams (larger than verify-first) is offered as zstd: the source's blocks go
+    to Nix as they verify, not the decoded NAR."""
+    path, nar_file, public_key = big_zstd_cache(nix, nix_keys, tmp_path / "cache")
+    server = serve_cache(tmp_path / "cache")
+    config = {"trusted-public-keys": [public_key], "fetchers": [binary_cache(server.url)],
+              "nar-cache": {"enable": False, "verify-first": 0}}
+    with DaemonProcess(tmp_path, config, nix.env) as daemon:
+        served = httpx.get(f"{daemon.url}/{Path(path).name[:32]}.narinfo").text
+        assert "Compression: zstd" in served and "FileHash" not in served
+        url = next(line[5:] for line in served.splitlines() if line.startswith("URL: "))
+        body = httpx.get(f"{daemon.url}/{url}").content
+        assert len(body) <= nar_file.stat().st_size  # compressed blocks, not the NAR
+        nar = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True).decompress(body)
+        assert nar == nix.run("nix-store", "--dump", path)
+        result = copy_from(nix, daemon.url, tmp_path / "store", public_key, path)
+        assert result.returncode == 0, result.stderr.decode() + daemon.log()
+        assert_intact(nix, tmp_path / "store", [path])
+
+
+@pytest.mark.parametrize("fraction", [0.02, 0.5, 0.97])
+def test_a_zstd_source_cut_mid_stream_goes_on_in_the_same_frame(
+        nix: Nix, nix_keys, tmp_path: Path, serve_cache, fraction: float) -> None:
+    """The zstd source dies part-way: the blocks Nix already has stay, and the rest of the NAR
+    follows from the next source as raw blocks of the same zstd stream."""
+    path, nar_file, public_key = big_zstd_cache(nix, nix_keys, tmp_path / "cache")
+    flaky = serve_cache(tmp_path / "cache")
+    flaky.cut_after(int(nar_file.stat().st_size * fraction), times=100)
+    good = serve_cache(tmp_path / "cache")
+    config = {"trusted-public-keys": [public_key],
+              "fetchers": [binary_cache(flaky.url, "flaky", 10), binary_cache(good.url, "good", 50)],
+              "nar-cache": {"verify-first": 0}}
+    with DaemonProcess(tmp_path, config, nix.env) as daemon:
+        result = copy_from(nix, daemon.url, tmp_path / "store", public_key, path)
+        assert result.returncode == 0, result.stderr.decode() + daemon.log()
+        assert_intact(nix, tmp_path / "store", [path])
+        assert "flaky" in daemon.log() and "trying the next source" in daemon.log()
