@@ -1,13 +1,14 @@
 """`substituter fetch`: get a closure, verified, from wherever it is, into a Nix store, now.
 
-1. Resolve the closure from the narinfos' references, asking the broker for every path at once
-   (all fetchers in parallel); skip what the store already has.
-2. Download every missing NAR in parallel, verified against its signed NarHash/NarSize, into the
-   local NAR cache (a corrupt source is replaced by the next one there).
-3. Import in topological order, references first, streaming from the cache through the nix-daemon
-   worker protocol (signatures and CA travel with each path): to a daemon's socket, or for a
-   chroot DIR to our own `nix-daemon --stdio --store DIR` (one process for every query and the
-   import).  A path is either fully imported and valid, or absent.
+Three things run at the same time, each path moving on as soon as its own step is done:
+1. Resolve the closure from the narinfos' references, level by level, asking the broker for a
+   whole level at once (all fetchers in parallel); skip what the store already has.
+2. Download each resolved NAR (``--jobs`` at once), verified against its signed NarHash/NarSize
+   (a corrupt source is replaced by the next one); small ones stay in memory until imported.
+3. Import, whenever the store is free, every path whose references are in, in one
+   AddMultipleToStore through the nix-daemon worker protocol (signatures and CA travel with
+   each path): to a daemon's socket, or for a chroot DIR to our own
+   `nix-daemon --stdio --store DIR`.  A path is either fully imported and valid, or absent.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import logging
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,8 @@ log = logging.getLogger("substituter.fetch")
 
 #: NARs up to this size go from the verified transfer straight into the import, in memory.
 IN_MEMORY_NAR = 1024 * 1024
+#: At most this many bytes of such NARs wait in memory for their import; beyond, they spool.
+MEMORY_BUDGET = 64 * 1024 * 1024
 
 
 def parse_targets(args: Iterable[str], store_dir: str) -> list[str]:
@@ -103,35 +107,59 @@ def to_path_info(info: NarInfo) -> PathInfo:
 
 @dataclass
 class FetchPlan:
-    """The closure to import: resolutions by hash part, and what went wrong."""
+    """The closure as resolved so far: paths to import, paths already valid, and what is missing."""
 
-    resolutions: dict[str, Resolution] = field(default_factory=dict)
+    resolutions: dict[str, Resolution] = field(default_factory=dict)  # hash part -> to import
     present: dict[str, str] = field(default_factory=dict)  # hash part -> store path, already valid
     missing: dict[str, str] = field(default_factory=dict)  # hash part -> why
 
-    def topological(self) -> list[Resolution]:
-        """Paths to import, every path after its references."""
-        order: list[Resolution] = []
-        done: set[str] = set()
-        visiting: set[str] = set()
 
-        def visit(hash_part: str) -> None:
-            if hash_part in done or hash_part not in self.resolutions:
-                return
-            if hash_part in visiting:
-                raise FormatError(f"reference cycle through {hash_part}")
-            visiting.add(hash_part)
-            for ref in resolved_info(self.resolutions[hash_part]).references:
-                ref_hash = ref[:32]
-                if ref_hash != hash_part:
-                    visit(ref_hash)
-            visiting.discard(hash_part)
-            done.add(hash_part)
-            order.append(self.resolutions[hash_part])
+class ImportOrder:
+    """Topological order, built while the closure is still being resolved (Kahn's algorithm).
 
-        for hash_part in sorted(self.resolutions):
-            visit(hash_part)
-        return order
+    A path is ready once each of its references is done: valid in the store already, or handed
+    out for import before it.  :meth:`take` hands out every ready path in an order where each
+    comes after its references, so a batch can go into one AddMultipleToStore."""
+
+    def __init__(self) -> None:
+        self.done: set[str] = set()
+        self._ready: deque[str] = deque()
+        self._blocked: dict[str, int] = {}  # hash part -> references not done yet
+        self._waiters: dict[str, list[str]] = {}  # reference -> paths blocked on it
+
+    def add(self, hash_part: str, references: Iterable[str]) -> None:
+        """A path to import, with the hash parts of its references (itself may be among them)."""
+        blocking = {ref for ref in references if ref != hash_part and ref not in self.done}
+        if not blocking:
+            self._ready.append(hash_part)
+            return
+        self._blocked[hash_part] = len(blocking)
+        for ref in blocking:
+            self._waiters.setdefault(ref, []).append(hash_part)
+
+    def mark_done(self, hash_part: str) -> None:
+        """``hash_part`` is valid in the store (or will be before anything handed out later)."""
+        if hash_part in self.done:
+            return
+        self.done.add(hash_part)
+        for waiter in self._waiters.pop(hash_part, ()):
+            self._blocked[waiter] -= 1
+            if not self._blocked[waiter]:
+                del self._blocked[waiter]
+                self._ready.append(waiter)
+
+    def take(self) -> list[str]:
+        """Every path ready now (and those they unblock), references first."""
+        batch = []
+        while self._ready:
+            hash_part = self._ready.popleft()
+            batch.append(hash_part)
+            self.mark_done(hash_part)
+        return batch
+
+    def blocked(self) -> list[str]:
+        """Paths still waiting for a reference (never resolved, missing, or in a cycle)."""
+        return sorted(self._blocked)
 
 
 class Progress:
@@ -171,126 +199,197 @@ class Progress:
             print(file=self.out, flush=True)
 
 
-async def resolve_closure(runtime: Any, store: Store, roots: list[str], store_dir: str) -> FetchPlan:
-    """Ask for every path of the closure, level by level (each level all at once)."""
-    plan = FetchPlan()
-    seen: set[str] = set(roots)
-    frontier = list(roots)
-    checked: dict[str, str] = {}  # hash part -> the path whose validity the store was asked
-    while frontier:
-        results = await asyncio.gather(*(runtime.broker.resolve(h, "fetch") for h in frontier))
-        found = {r.hash_part: r for r in results if r.info is not None}
-        for r in results:
-            if r.info is None:
-                plan.missing[r.hash_part] = r.reason
-        # Paths reached as references were checked below already (as ``store_dir/ref``); only
-        # the roots, and a path whose narinfo names it differently, need asking here.
-        unchecked = [r.info.store_path for h, r in found.items() if checked.get(h) != r.info.store_path]
-        valid = await store.query_valid_paths(unchecked) if unchecked else set()
-        wanted_refs: dict[str, str] = {}  # hash part -> full path, references not yet seen
-        for hash_part, res in found.items():
-            if res.info.store_path in valid:
-                plan.present[hash_part] = res.info.store_path  # a valid path's closure is valid too
-                continue
-            plan.resolutions[hash_part] = res
-            for ref in res.info.references:
-                if ref[:32] not in seen:
-                    seen.add(ref[:32])
-                    wanted_refs[ref[:32]] = f"{store_dir}/{ref}"
-        # References the store already has (e.g. built locally) need no source at all.
-        present = await store.query_valid_paths(wanted_refs.values()) if wanted_refs else set()
-        checked = wanted_refs
-        plan.present.update((h, path) for h, path in wanted_refs.items() if path in present)
-        frontier = [h for h, path in wanted_refs.items() if path not in present]
-    return plan
+class _Fetch:
+    """One closure's fetch: resolving, downloading and importing run at the same time.
+
+    Resolution goes level by level (all of a level's paths asked at once), and each path is
+    handled as soon as its own answer is in: its NAR download starts, and it joins the import
+    order.  The importer sends, whenever the store is free, every path whose references are
+    in, as one AddMultipleToStore (so the store works while the rest still resolves)."""
+
+    def __init__(self, runtime: Any, store: Store, jobs: int, progress: Progress) -> None:
+        self.runtime = runtime
+        self.store = store
+        self.progress = progress
+        self.plan = FetchPlan()
+        self.order = ImportOrder()
+        self.failures: dict[str, str] = {}
+        self.resolved = False  # every level asked and answered
+        self._changed = asyncio.Event()  # something became ready, or resolution ended
+        self._limit = asyncio.Semaphore(jobs)
+        self._downloads: dict[str, asyncio.Future[bytes | None]] = {}
+        self._held = 0  # bytes of verified NARs kept in memory until imported
+        self._store_label = getattr(store, "root", None) or getattr(store, "socket_path", None) or "store"
+        from preserves import Record, Symbol
+        self._realised_label = Symbol("realised")
+        self._record = Record
+
+    # -- resolving ------------------------------------------------------------------------
+
+    async def resolve(self, roots: list[str]) -> None:
+        store_dir = self.runtime.config.store_dir
+        seen: set[str] = set(roots)
+        frontier = list(roots)
+        checked: dict[str, str] = {}  # hash part -> the path whose validity the store was asked
+        while frontier:
+            wanted_refs: dict[str, str] = {}  # hash part -> full path, references not yet seen
+            unchecked: list[Resolution] = []
+            for answer in asyncio.as_completed([self.runtime.broker.resolve(h, "fetch") for h in frontier]):
+                res = await answer
+                info = res.info
+                if info is None:
+                    self.plan.missing[res.hash_part] = res.reason
+                    continue
+                # References were asked about as ``store_dir/ref`` before they were resolved;
+                # only roots, and a path whose narinfo names it differently, need asking here.
+                if checked.get(res.hash_part) != info.store_path:
+                    unchecked.append(res)
+                    continue
+                self._accept(res, seen, wanted_refs, store_dir)
+            if unchecked:
+                valid = await self.store.query_valid_paths(resolved_info(r).store_path for r in unchecked)
+                for res in unchecked:
+                    if resolved_info(res).store_path in valid:
+                        await self._present(res.hash_part, resolved_info(res).store_path)
+                    else:
+                        self._accept(res, seen, wanted_refs, store_dir)
+            # References the store already has (e.g. built locally) need no source at all.
+            present = await self.store.query_valid_paths(wanted_refs.values()) if wanted_refs else set()
+            for hash_part, path in wanted_refs.items():
+                if path in present:
+                    await self._present(hash_part, path)  # a valid path's closure is valid too
+            checked = wanted_refs
+            frontier = [h for h, path in wanted_refs.items() if path not in present]
+        self.resolved = True
+        self._changed.set()
+
+    def _accept(self, res: Resolution, seen: set[str], wanted_refs: dict[str, str], store_dir: str) -> None:
+        """A path to import: its download starts now, and it joins the import order."""
+        info = resolved_info(res)
+        self.plan.resolutions[res.hash_part] = res
+        self.progress.paths_total += 1
+        self.progress.bytes_total += info.nar_size
+        self._downloads[res.hash_part] = asyncio.ensure_future(self._download(res))
+        refs = [ref[:32] for ref in info.references]
+        for ref, name in zip(refs, info.references, strict=True):
+            if ref not in seen:
+                seen.add(ref)
+                wanted_refs[ref] = f"{store_dir}/{name}"
+        self.order.add(res.hash_part, refs)
+        self._changed.set()
+
+    async def _present(self, hash_part: str, path: str) -> None:
+        add_temp_root = getattr(self.store, "add_temp_root", None)
+        if add_temp_root is not None:
+            # What is already there must survive a garbage collection until its referrers are in.
+            await add_temp_root(path)
+        self.plan.present[hash_part] = path
+        self.order.mark_done(hash_part)
+        self._changed.set()
+
+    # -- downloading ----------------------------------------------------------------------
+
+    async def _download(self, res: Resolution) -> bytes | None:
+        """Small NARs: the verified bytes, kept in memory until imported (no cache file written
+        and read back), up to MEMORY_BUDGET bytes in all.  Larger NARs, those over the budget
+        or already cached: spooled into the verified cache, read back by the import."""
+        info = resolved_info(res)
+        nars = self.runtime.nars
+        async with self._limit:
+            if (info.nar_size <= IN_MEMORY_NAR and self._held + info.nar_size <= MEMORY_BUDGET
+                    and not nars.cached(info.nar_hash.nix32())):
+                self._held += info.nar_size
+                try:
+                    data: bytes = await nars.verified_bytes(res)
+                except BaseException:
+                    self._held -= info.nar_size
+                    raise
+                self.progress.add_bytes(len(data))
+                return data
+            async for chunk in nars.stream(res, 0):
+                self.progress.add_bytes(len(chunk))
+        return None
+
+    async def _verified(self, res: Resolution) -> AsyncIterator[bytes]:
+        """The path's verified NAR, once its download finished: from memory or the cache."""
+        info = resolved_info(res)
+        try:
+            data = await self._downloads[res.hash_part]
+            if data is not None:
+                del self._downloads[res.hash_part]  # drop the finished task's reference to the bytes
+                self._held -= info.nar_size
+                yield data
+            else:
+                async for chunk in self.runtime.nars.stream(res, 0):
+                    yield chunk
+        except (FetchError, SubstituterError) as exc:
+            self.failures[info.store_path] = str(exc)
+            raise
+        self.progress.path_done(info.store_path, "imported")
+        self._realised(info.store_path)
+
+    def _realised(self, path: str) -> None:
+        """Tell the dataspace (and whoever watches it) that the path is now in this store."""
+        from syndicate import turn
+
+        from . import turns
+
+        record = self._record(self._realised_label, (path, self._store_label))  # preserve(Realised(…))
+        turns.external(self.runtime.facet, lambda: turn.publish(self.runtime.ds, record))
+
+    # -- importing ------------------------------------------------------------------------
+
+    async def import_ready(self) -> None:
+        """Import batch after batch of ready paths until the resolution ended and none is left."""
+        # A private chroot store (our own daemon) trusts what the broker's TrustPolicy
+        # accepted; a shared daemon checks signatures itself too.
+        private = getattr(self.store, "private", False)
+        while True:
+            self._changed.clear()
+            batch = self.order.take()
+            if batch:
+                resolutions = [self.plan.resolutions[h] for h in batch]
+                # References come first; each path is registered whole or not at all.
+                await self.store.add_multiple_to_store(
+                    ((to_path_info(resolved_info(r)), self._verified(r)) for r in resolutions),
+                    dont_check_sigs=private)
+            elif self.resolved:
+                return
+            else:
+                await self._changed.wait()
+
+    async def cancel_downloads(self) -> None:
+        for task in self._downloads.values():
+            task.cancel()
+        await asyncio.gather(*self._downloads.values(), return_exceptions=True)
 
 
 async def fetch_closure(runtime: Any, store: Store, roots: list[str], *, jobs: int = 8,
                         progress: Progress | None = None) -> tuple[FetchPlan, dict[str, str]]:
-    """Fetch and import; returns the plan and failures by store path (empty when all went in)."""
-    from preserves import Record, Symbol
-    from syndicate import turn
-
-    from . import turns
-
-    progress = progress or Progress()
-    plan = await resolve_closure(runtime, store, roots, runtime.config.store_dir)
-    order = plan.topological()
-    progress.paths_total = len(order)
-    progress.bytes_total = sum(resolved_info(r).nar_size for r in order)
-    failures: dict[str, str] = {}
-    if plan.missing:
-        return plan, failures
-    add_temp_root = getattr(store, "add_temp_root", None)
-    if add_temp_root is not None:
-        # What is already there must survive a garbage collection until its referrers are in.
-        for path in plan.present.values():
-            await add_temp_root(path)
-
-    limit = asyncio.Semaphore(jobs)
-
-    def realised(path: str) -> None:
-        """Tell the dataspace (and whoever watches it) that the path is now in this store."""
-        record = Record(Symbol("realised"), (path, store_label))  # preserve(Realised(…)), built directly
-        turns.external(runtime.facet, lambda: turn.publish(runtime.ds, record))
-
-    store_label = getattr(store, "root", None) or getattr(store, "socket_path", None) or "store"
-
-    async def download(res: Resolution) -> bytes | None:
-        """Small NARs: the verified bytes, kept in memory (no cache file written and read back);
-        the download slot stays taken until the import took them, so at most ``jobs`` wait.
-        Larger NARs (or ones already cached): spooled into the verified cache, read back below."""
-        info = resolved_info(res)
-        if info.nar_size <= IN_MEMORY_NAR and not runtime.nars.cached(info.nar_hash.nix32()):
-            await limit.acquire()  # released in verified() (or here on failure)
-            try:
-                data: bytes = await runtime.nars.verified_bytes(res)
-            except BaseException:
-                limit.release()
-                raise
-            progress.add_bytes(len(data))
-            return data
-        async with limit:
-            async for chunk in runtime.nars.stream(res, 0):
-                progress.add_bytes(len(chunk))
-        return None
-
-    # Started in import order: slots are taken in that order, so the path the import needs next
-    # always holds one or already has its bytes (no wait on memory held by later paths).
-    downloads = {r.hash_part: asyncio.ensure_future(download(r)) for r in order}
-
-    async def verified(res: Resolution) -> AsyncIterator[bytes]:
-        """The path's verified NAR, once its download finished: from memory or the cache."""
-        try:
-            data = await downloads[res.hash_part]
-            if data is not None:
-                del downloads[res.hash_part]  # drop the finished task's reference to the bytes
-                limit.release()
-                yield data
-            else:
-                async for chunk in runtime.nars.stream(res, 0):
-                    yield chunk
-        except (FetchError, SubstituterError) as exc:
-            failures[resolved_info(res).store_path] = str(exc)
-            raise
-        progress.path_done(resolved_info(res).store_path, "imported")
-        realised(resolved_info(res).store_path)
-
+    """Resolve, fetch and import the closures of ``roots``; returns the plan and failures by
+    store path (empty when every path went in; paths blocked by a missing one are not named)."""
+    fetch = _Fetch(runtime, store, jobs, progress or Progress())
+    resolving = asyncio.ensure_future(fetch.resolve(roots))
+    importing = asyncio.ensure_future(fetch.import_ready())
     try:
-        # One AddMultipleToStore for the whole closure: references come first, each path is
-        # registered whole or not at all.  A private chroot store (our own daemon) trusts what
-        # the broker's TrustPolicy accepted; a shared daemon checks signatures itself too.
-        await store.add_multiple_to_store(((to_path_info(resolved_info(r)), verified(r)) for r in order),
-                                          dont_check_sigs=getattr(store, "private", False))
-    except (FetchError, StoreError, SubstituterError) as exc:
-        if not failures:
-            failures["(import)"] = str(exc)
+        # The first to fail stops the other (the finally below cancels what still runs).
+        await asyncio.wait([resolving, importing], return_when=asyncio.FIRST_EXCEPTION)
+        if resolving.done() and resolving.exception() is not None:
+            raise resolving.exception()  # type: ignore[misc]
+        try:
+            await importing
+        except (FetchError, StoreError, SubstituterError) as exc:
+            if not fetch.failures:
+                fetch.failures["(import)"] = str(exc)
+        if not fetch.plan.missing and not fetch.failures and fetch.order.blocked():
+            fetch.failures["(import)"] = f"reference cycle through {fetch.order.blocked()[0]}"
     finally:
-        for task in downloads.values():
+        for task in (resolving, importing):
             task.cancel()
-        await asyncio.gather(*downloads.values(), return_exceptions=True)
-        progress.finish()
-    return plan, failures
+        await asyncio.gather(resolving, importing, return_exceptions=True)
+        await fetch.cancel_downloads()
+        fetch.progress.finish()
+    return fetch.plan, fetch.failures
 
 
 def run_fetch(config: Any, targets: list[str], store_spec: str, *, jobs: int = 8,
