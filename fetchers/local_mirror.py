@@ -2,7 +2,9 @@
 
 Narinfos are read straight from ``DIR/<hash>.narinfo`` and NARs streamed from ``DIR/<URL>``.  All
 file I/O runs in the default executor so the event loop never waits on a disk, in as few hops as
-possible: a locate is one worker call, and so is a whole small NAR.
+possible: the locates asked in one event-loop step share worker calls (up to LOCATE_BATCH each),
+and a small NAR is read in the same call as its narinfo (kept until opened, READ_AHEAD_TOTAL
+bytes at most), so fetching a small path costs no worker call of its own.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
+import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +39,12 @@ log = logging.getLogger("fetchers.local_mirror")
 
 #: Bytes per read: large enough that the per-call executor hop costs nothing noticeable.
 READ_SIZE = 1 << 20
+#: Locates handled by one worker call: a batch answers together, so not too many at once.
+LOCATE_BATCH = 16
+#: NAR files up to this size are read along with their narinfo, ...
+READ_AHEAD = 64 * 1024
+#: ... and kept until opened, up to this many bytes in all (the oldest dropped first).
+READ_AHEAD_TOTAL = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,13 @@ class LocalMirrorFetcher(Fetcher):
     ) -> None:
         super().__init__(name, options, context, priority)
         self.root = options.path.expanduser().absolute()
-        self._real_root: str | None = None  # realpath of root + "/", resolved once on first open
+        self._real_root: str | None = None  # realpath of root + "/", resolved once
+        #: Locates asked in this event-loop step, answered together by worker calls.
+        self._asked: list[tuple[str, asyncio.Future[Answer]]] = []
+        #: file:// URI of an offered NAR -> its bytes, read with the narinfo, until opened.
+        self._read_ahead: OrderedDict[str, bytes] = OrderedDict()
+        self._read_ahead_bytes = 0
+        self._read_ahead_lock = threading.Lock()  # filled by worker threads
         #: The mirror's ``Priority`` from nix-cache-info, when it has one.
         self.cache_priority: int | None = None
 
@@ -102,10 +119,29 @@ class LocalMirrorFetcher(Fetcher):
             validate_hash_part(hash_part)
         except StorePathError as exc:
             return Unavailable(str(exc))
-        return await asyncio.to_thread(self._locate, hash_part)
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Answer] = loop.create_future()
+        if not self._asked:
+            loop.call_soon(self._locate_asked, loop)  # after the rest of this step's callbacks
+        self._asked.append((hash_part, answer))
+        return await answer
 
-    def _locate(self, hash_part: str) -> Answer:
-        """The whole lookup in one worker call (reading, parsing, checking the NAR is there)."""
+    def _locate_asked(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand this step's locates to worker calls, LOCATE_BATCH at a time."""
+        asked, self._asked = self._asked, []
+        if self._real_root is None:
+            self._real_root = os.path.realpath(self.root) + os.sep
+        for start in range(0, len(asked), LOCATE_BATCH):
+            batch = asked[start:start + LOCATE_BATCH]
+            done = loop.run_in_executor(None, self._locate_many, [h for h, _ in batch], self._real_root)
+            done.add_done_callback(lambda f, batch=batch: _settle(batch, f))  # type: ignore[misc]
+
+    def _locate_many(self, hash_parts: list[str], real_root: str) -> list[Answer]:
+        return [self._locate(h, real_root) for h in hash_parts]
+
+    def _locate(self, hash_part: str, real_root: str | None = None) -> Answer:
+        """The whole lookup in one worker call (reading, parsing, checking the NAR is there,
+        and reading it when small)."""
         narinfo_file = self.root / f"{hash_part}.narinfo"
         try:
             data = narinfo_file.read_bytes()
@@ -128,15 +164,44 @@ class LocalMirrorFetcher(Fetcher):
                 "%s: %s names a file outside the mirror: %r", self.name, narinfo_file, info.url
             )
             return Unavailable(f"{narinfo_file}: URL {info.url!r} leaves {self.root}")
-        if not nar.is_file():
+        uri = nar.as_uri()
+        if not self._read_small(nar, uri, real_root, info.file_size or info.nar_size):
             return Unavailable(f"{narinfo_file} names {info.url}, which is missing")
         return Offer(
             info=info,
-            uri=nar.as_uri(),
+            uri=uri,
             compression=info.compression,
             file_size=info.file_size,
             file_hash=None if info.file_hash is None else str(info.file_hash),
         )
+
+    def _read_small(self, nar: Path, uri: str, real_root: str | None, size_hint: int) -> bool:
+        """Whether ``nar`` is a file; a small one really under the mirror is read ahead."""
+        if real_root is None or size_hint > READ_AHEAD or not os.path.realpath(nar).startswith(real_root):
+            return nar.is_file()
+        try:
+            fd = os.open(nar, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return False
+            if st.st_size > READ_AHEAD:
+                return True
+            data = os.read(fd, st.st_size + 1)
+        except OSError:
+            return True  # a read error is reported when the NAR is opened
+        finally:
+            os.close(fd)
+        if len(data) == st.st_size:
+            with self._read_ahead_lock:
+                old = self._read_ahead.pop(uri, None)
+                self._read_ahead_bytes += len(data) - (0 if old is None else len(old))
+                self._read_ahead[uri] = data
+                while self._read_ahead_bytes > READ_AHEAD_TOTAL:
+                    self._read_ahead_bytes -= len(self._read_ahead.popitem(last=False)[1])
+        return True
 
     def _nar_path(self, url: str) -> Path | None:
         """``url`` resolved inside the mirror, or None when it would point elsewhere."""
@@ -151,6 +216,15 @@ class LocalMirrorFetcher(Fetcher):
         Only files under this mirror are opened: the broker routes offers by fetcher name, and a
         peer on the dataspace must not be able to make the daemon read other local files.
         """
+        if offset == 0 and self._read_ahead:
+            with self._read_ahead_lock:
+                data = self._read_ahead.pop(offer.uri, None)
+                if data is not None:
+                    self._read_ahead_bytes -= len(data)
+            if data is not None:  # read with the narinfo, from a file under the mirror
+                if data:
+                    yield data
+                return
         path = file_uri_path(offer.uri)
         if self._real_root is None:
             self._real_root = os.path.realpath(self.root) + os.sep
@@ -177,6 +251,21 @@ class LocalMirrorFetcher(Fetcher):
                 yield chunk
         finally:
             os.close(fd)
+
+
+def _settle(batch: list[tuple[str, asyncio.Future[Answer]]], done: asyncio.Future[list[Answer]]) -> None:
+    """Each locate of a batch gets its answer (a locate given up on meanwhile is skipped)."""
+    if done.cancelled():
+        return
+    exc = done.exception()
+    answers = done.result() if exc is None else None
+    for i, (_, answer) in enumerate(batch):
+        if answer.done():
+            continue
+        if answers is not None:
+            answer.set_result(answers[i])
+        else:
+            answer.set_exception(exc)  # type: ignore[arg-type]
 
 
 def _open_and_read(path: Path, offset: int, real_root: str) -> tuple[int | None, bytes]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -10,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from fetchers.local_mirror import LocalMirrorFetcher, LocalMirrorOptions, file_uri_path
+from fetchers.local_mirror import (
+    LOCATE_BATCH,
+    READ_AHEAD,
+    LocalMirrorFetcher,
+    LocalMirrorOptions,
+    file_uri_path,
+)
 from substituter.errors import ConfigError, FetchError, NotAvailable
 from substituter.nix.narinfo import NarInfo
 from substituter.plugin import FetcherContext, Offer, Unavailable, describe_options, parse_options
@@ -113,13 +120,43 @@ async def test_missing_path_and_garbage_hash(
 async def test_missing_nar(cache: BuiltCache, started: Callable[..., Any]) -> None:
     fetcher = await started(cache.root)
     offer = await locate_offer(fetcher, cache.top)
+    nar = cache.nar_file(cache.top).read_bytes()
     cache.nar_file(cache.top).unlink()
-    # an offer already made: opening it says the source no longer has it
+    # a small NAR was read along with its narinfo: the first open gets those bytes
+    assert len(nar) <= READ_AHEAD and await read_all(fetcher, offer) == nar
+    # an offer already made, opened again: the source no longer has it
     with pytest.raises(NotAvailable, match="gone"):
         await read_all(fetcher, offer)
     # a fresh locate does not offer what it cannot deliver
     answer = await fetcher.locate(cache.hash_part(cache.top))
     assert isinstance(answer, Unavailable) and "missing" in answer.reason
+
+
+async def test_locates_asked_together_share_worker_calls(
+    cache: BuiltCache, started: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fetcher = await started(cache.root)
+    calls: list[list[str]] = []
+    original = fetcher._locate_many
+
+    def counted(hash_parts: list[str], real_root: str) -> list[Any]:
+        calls.append(hash_parts)
+        return original(hash_parts, real_root)
+
+    monkeypatch.setattr(fetcher, "_locate_many", counted)
+    wanted = [cache.hash_part(p) for p in cache.paths] + ["0" * 32]
+    answers = await asyncio.gather(*(fetcher.locate(h) for h in wanted * 10))
+    assert len(calls) == -(-len(answers) // LOCATE_BATCH)  # batches of LOCATE_BATCH
+    for hash_part, answer in zip(wanted * 10, answers, strict=True):
+        if hash_part == "0" * 32:
+            assert isinstance(answer, Unavailable)
+        else:
+            assert isinstance(answer, Offer) and answer.info.hash_part == hash_part
+    # every small NAR offered was read ahead, once per URI, and is what the file holds
+    for store_path in cache.paths:
+        offer = await locate_offer(fetcher, store_path)
+        assert await read_all(fetcher, offer) == cache.nar_file(store_path).read_bytes()
+    assert not fetcher._read_ahead and fetcher._read_ahead_bytes == 0
 
 
 async def test_bad_and_foreign_narinfos(
