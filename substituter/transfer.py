@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -47,6 +48,9 @@ THREAD_THRESHOLD = 256 * 1024
 DECODE_PIECE = 16 * 1024
 #: ... and at least this much (for input that compresses extremely well).
 MIN_DECODE_PIECE = 1024
+#: A source that failed on its own after delivering more of the NAR is taken up again (from where
+#: the NAR is) at most this many times.
+SOURCE_RETRIES = 2
 #: Input from a source is gathered into pieces this big before it is decoded and hashed.
 COALESCE = 512 * 1024
 #: Decoded output is handed on in pieces of about this size (never one piece per input piece:
@@ -398,7 +402,10 @@ async def _verified_nar(
     pending: bytes | None = None
     bad: list[str] = []
     reasons: list[str] = []
-    for source in sources:
+    queue = deque(sources)
+    again: dict[str, int] = {}  # how often each source was taken up again
+    while queue:
+        source = queue.popleft()
         start = checker.size
         teeing = False
         finished = False
@@ -418,6 +425,11 @@ async def _verified_nar(
             finished = True
         except (TransientFetchError, NotAvailable, OSError) as exc:
             transient = not isinstance(exc, NotAvailable)
+            if transient and checker.size > start and again.get(source.fetcher, 0) < SOURCE_RETRIES:
+                # It got further before it failed: worth another go from there, after the others
+                # (a dropped connection on a long NAR; the client never notices).
+                again[source.fetcher] = again.get(source.fetcher, 0) + 1
+                queue.append(source)
             log.warning("%s: %s at NAR byte %d; trying the next source", source.fetcher, exc, checker.size)
             events.failed(source.fetcher, str(exc), transient)
             reasons.append(f"{source.fetcher}: {exc}")

@@ -137,3 +137,39 @@ async def test_a_source_failing_in_any_other_way_is_replaced(tmp_path: Path) -> 
     events = TransferEvents(failed=lambda f, r, t: failures.append((f, t)))
     result = await collect(info, [Source("buggy", Offer(info, "x://"), buggy), source("ok", info, nar)], events)
     assert result == nar and failures == [("buggy", False)]
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+async def test_a_lone_source_that_drops_once_is_taken_up_again(tmp_path: Path, compression: str) -> None:
+    """A dropped connection on the only source, after it delivered part of the NAR: the NAR
+    goes on from the same source, at the same NAR offset (the client never notices)."""
+    nar = make_nar(tmp_path)
+    info = make_info(nar)
+    data = nar if compression == "none" else compress(nar, compression)
+    opens: list[int] = []
+    flaky, whole = serve_bytes(data, fail_after=len(data) // 2), serve_bytes(data)
+
+    def once(offer, offset=0):
+        opens.append(offset)
+        return (flaky if len(opens) == 1 else whole)(offer, offset)
+
+    assert await collect(info, [Source("lone", Offer(info, "x://", compression), once)]) == nar
+    assert len(opens) == 2
+    # Uncompressed: asked from the offset reached; zstd: decoded from the start and skipped.
+    assert opens[1] > 0 if compression == "none" else opens[1] == 0
+
+
+async def test_a_source_failing_at_the_same_place_is_not_taken_up_again_and_again(tmp_path: Path) -> None:
+    nar = make_nar(tmp_path)
+    info = make_info(nar)
+    data = compress(nar, "zstd")  # re-opened from byte 0 each time: it never gets further
+    opens: list[int] = []
+    inner = serve_bytes(data, fail_after=len(data) * 2 // 3)
+
+    def counting(offer, offset=0):
+        opens.append(offset)
+        return inner(offer, offset)
+
+    with pytest.raises(TransferFailed, match="no source could deliver"):
+        await collect(info, [Source("stuck", Offer(info, "x://", "zstd"), counting)])
+    assert len(opens) == 2  # once, and once more after it got further the first time
