@@ -342,3 +342,16 @@ def test_a_zstd_source_cut_mid_stream_goes_on_in_the_same_frame(
         assert result.returncode == 0, result.stderr.decode() + daemon.log()
         assert_intact(nix, tmp_path / "store", [path])
         assert "flaky" in daemon.log() and "trying the next source" in daemon.log()
+
+
+def test_the_only_source_dropping_mid_stream_is_taken_up_again(nix: Nix, nix_keys, tmp_path: Path, serve_cache) -> None:
+    path, nar_file, public_key = big_zstd_cache(nix, nix_keys, tmp_path / "cache")
+    flaky = serve_cache(tmp_path / "cache")
+    flaky.cut_after(nar_file.stat().st_size * 2 // 3, times=1)
+    config = {"trusted-public-keys": [public_key], "fetchers": [binary_cache(flaky.url, "flaky")],
+              "nar-cache": {"verify-first": 0}}
+    with DaemonProcess(tmp_path, config, nix.env) as daemon:
+        result = copy_from(nix, daemon.url, tmp_path / "store", public_key, path)
+        assert result.returncode == 0, result.stderr.decode() + daemon.log()
+        assert_intact(nix, tmp_path / "store", [path])
+        assert "trying the next source" in daemon.log()
