@@ -616,11 +616,15 @@ class DaemonStore:
             return
 
         async def stream() -> AsyncIterator[bytes]:
-            yield wire.u64(len(items))
+            head = wire.u64(len(items))
             for info, nar_chunks in items:
-                yield wire.string(info.store_path) + _path_info_fields(info)
+                head += wire.string(info.store_path) + _path_info_fields(info)
                 async for chunk in guarded_nar(info, nar_chunks, check_hash=False):
+                    if head:  # a path's header goes in one frame with its first NAR bytes
+                        chunk, head = head + chunk, b""
                     yield chunk
+            if head:
+                yield head
 
         async with self._operation() as conn:
             await conn.send(
