@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import signal
 import statistics
 import subprocess
@@ -31,22 +32,35 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from daemon_bench import REPO, Fixtures, NixRunner, Published, remove_tree
 
 from tests.nixdaemon import private_daemon
 
-#: Copies the published closure into a store spec; returns wall seconds.
-Copier = Callable[[NixRunner, Published, str], float]
+
+class Timing(NamedTuple):
+    wall: float  # seconds
+    cpu: float  # user + system seconds of the command and every child it waited for
 
 
-def timed(args: list[str], env: dict[str, str]) -> float:
+#: Copies the published closure into a store spec.
+Copier = Callable[[NixRunner, Published, str], Timing]
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(args: list[str], env: dict[str, str]) -> Timing:
+    cpu = _children_cpu()
     start = time.perf_counter()
     proc = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:4])} … failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return seconds
+    return Timing(seconds, _children_cpu() - cpu)
 
 
 def fetch_config(nix: NixRunner, pub: Published) -> Path:
@@ -63,40 +77,50 @@ def fetch_config(nix: NixRunner, pub: Published) -> Path:
     return config
 
 
-def ours(nix: NixRunner, pub: Published, store: str) -> float:
+def ours(nix: NixRunner, pub: Published, store: str) -> Timing:
     config = fetch_config(nix, pub)
     args = [sys.executable, "-m", "substituter", "fetch", "--config", str(config), "--store", store, pub.top]
-    seconds = timed(args, nix.fresh_env())
+    timing = timed(args, nix.fresh_env())
     remove_tree(config.parent)
-    return seconds
+    return timing
 
 
-def nix_copy(nix: NixRunner, pub: Published, store: str) -> float:
+def nix_copy(nix: NixRunner, pub: Published, store: str) -> Timing:
     args = ["nix", "copy", "--from", f"file://{pub.cache}", "--to", store,
             "--option", "trusted-public-keys", pub.public_key, pub.top]
     return timed(args, nix.fresh_env())
 
 
-def into_chroot(nix: NixRunner, pub: Published, copier: Copier) -> float:
+def into_chroot(nix: NixRunner, pub: Published, copier: Copier) -> Timing:
     store = nix.fresh_dir("store")
-    seconds = copier(nix, pub, str(store))
+    timing = copier(nix, pub, str(store))
     nix.run("nix-store", "--store", str(store), "--check-validity", *pub.paths)
     remove_tree(store)
-    return seconds
+    return timing
 
 
-def into_daemon(nix: NixRunner, pub: Published, copier: Copier) -> float:
+def into_daemon(nix: NixRunner, pub: Published, copier: Copier) -> Timing:
     root = nix.fresh_dir("nix-daemon")
     with private_daemon(root, trusted=False, trusted_public_keys=[pub.public_key]) as daemon:
-        seconds = copier(nix, pub, daemon.store_url)
+        timing = copier(nix, pub, daemon.store_url)
         nix.run("nix-store", "--store", daemon.store_url, "--check-validity", *pub.paths)
     remove_tree(root)
-    return seconds
+    return timing
 
 
-def startup_seconds(nix: NixRunner) -> float:
-    """What a `substituter` command costs before any work: interpreter and imports."""
-    return min(timed([sys.executable, "-m", "substituter", "fetch", "--help"], nix.env) for _ in range(3))
+#: The modules a `substituter fetch` with a local mirror imports before any work.
+FETCH_MODULES = ("substituter.cli", "substituter.fetch", "substituter.store.daemon_client",
+                 "substituter.runtime", "substituter.trust", "fetchers.local_mirror")
+
+
+def startup_seconds(nix: NixRunner) -> tuple[float, float, float]:
+    """What a `substituter fetch` costs before any work: the bare interpreter, `fetch --help`,
+    and the interpreter with every module a fetch imports (best of 5 each)."""
+    def best(args: list[str]) -> float:
+        return min(timed([sys.executable, *args], nix.env).wall for _ in range(5))
+
+    return (best(["-c", "pass"]), best(["-m", "substituter", "fetch", "--help"]),
+            best(["-c", f"import {', '.join(FETCH_MODULES)}"]))
 
 
 def byte_compile() -> None:
@@ -127,22 +151,28 @@ def main() -> None:
         top, _ = fx.text_closure(opts.paths)
         pub = fx.publish(f"closure-{opts.paths}", top, opts.compression)
         assert len(pub.paths) == opts.paths, f"closure has {len(pub.paths)} paths"
-        print(f"{len(pub.paths)}-path closure, file:// cache compression={opts.compression}; "
-              f"`substituter` start-up alone: {startup_seconds(nix):.2f} s ({REPO.name} checkout)\n")
-        print(f"{'into':<26} {'ours s':>7} {'nix s':>7} {'ratio':>6}   ours runs / nix runs")
+        bare, help_, modules = startup_seconds(nix)
+        print(f"{len(pub.paths)}-path closure, file:// cache compression={opts.compression} "
+              f"({REPO.name} checkout)\nstart-up: bare interpreter {bare:.3f} s, `fetch --help` {help_:.3f} s, "
+              f"interpreter + a fetch's imports {modules:.3f} s\n")
+        print(f"{'into':<26} {'ours s':>7} {'nix s':>7} {'ratio':>6}  {'ours cpu':>8} {'nix cpu':>8}"
+              "   ours runs / nix runs")
         targets = [("chroot store (DIR)", into_chroot, not opts.no_chroot),
                    ("private nix-daemon (unix)", into_daemon, not opts.no_daemon)]
         for label, into, enabled in targets:
             if not enabled:
                 continue
-            ours_times, nix_times = [], []
+            ours_runs: list[Timing] = []
+            nix_runs: list[Timing] = []
             for _ in range(opts.runs):
-                nix_times.append(into(nix, pub, nix_copy))
-                ours_times.append(into(nix, pub, ours))
-            a, b = statistics.median(ours_times), statistics.median(nix_times)
-            print(f"{label:<26} {a:>7.2f} {b:>7.2f} {a / b:>6.2f}   "
-                  f"{' '.join(f'{t:.2f}' for t in ours_times)} / {' '.join(f'{t:.2f}' for t in nix_times)}")
-        print("ratio = substituter fetch time / nix copy time (target <= 1.2)")
+                nix_runs.append(into(nix, pub, nix_copy))
+                ours_runs.append(into(nix, pub, ours))
+            a, b = statistics.median(t.wall for t in ours_runs), statistics.median(t.wall for t in nix_runs)
+            ca, cb = statistics.median(t.cpu for t in ours_runs), statistics.median(t.cpu for t in nix_runs)
+            print(f"{label:<26} {a:>7.2f} {b:>7.2f} {a / b:>6.2f}  {ca:>8.2f} {cb:>8.2f}   "
+                  f"{' '.join(f'{t.wall:.2f}' for t in ours_runs)} / {' '.join(f'{t.wall:.2f}' for t in nix_runs)}")
+        print("ratio = substituter fetch time / nix copy time (target <= 1.2); cpu = user + system "
+              "seconds of the command and its children (for unix://, not the shared daemon's)")
     finally:
         fx.delete_built()
         if opts.keep is None:
