@@ -18,6 +18,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -59,6 +60,13 @@ PROGRESS_INTERVAL = 0.5
 MAX_PREFETCH_ACTIVE = 20_000
 #: Prefetched demands being resolved at once.
 PREFETCH_CONCURRENCY = 128
+#: ... and while a client waits for a path not decided yet: new prefetches would queue ahead of
+#: it for the fetchers' connections (aiohttp hands a freed one to the newest request).
+PREFETCH_CONCURRENCY_ASKED = 16
+#: Most offers judged in one worker call.  Signature checks run in a thread beside the event
+#: loop (cryptography releases the GIL while verifying): ~0.1 ms per offer off the loop that
+#: answers Nix.
+JUDGE_BATCH = 64
 
 _WANT, _TRANSFER = Symbol("want"), Symbol("transfer")
 _INTENT = {"fetch": preserve(Intent.fetch()), "query": preserve(Intent.query())}
@@ -125,7 +133,7 @@ class _Active:
 class _Answer:
     """One ``<available …>`` or ``<unavailable …>`` present in the dataspace."""
 
-    __slots__ = ("hash_part", "value", "fetcher", "reason", "demand")
+    __slots__ = ("hash_part", "value", "fetcher", "reason", "demand", "gone")
 
     def __init__(self, hash_part: str, value: Any, fetcher: Any = None, reason: Any = None) -> None:
         self.hash_part = hash_part
@@ -134,6 +142,8 @@ class _Answer:
         self.reason = reason
         #: The demand this answer counted for (its withdrawal is told to that demand only).
         self.demand: Demand | None = None
+        #: Retracted (an offer still being judged then counts for nobody).
+        self.gone = False
 
 
 class _Answers(actor.Entity):
@@ -151,6 +161,11 @@ class _Answers(actor.Entity):
 
     def on_retract(self, handle: Any) -> None:
         self.removed(handle)
+
+
+def _judge_all(trust: TrustPolicy, infos: list[NarInfo]) -> list[Verdict]:
+    """Verdicts for a batch of narinfos (runs in the broker's worker thread)."""
+    return [trust.judge(info) for info in infos]
 
 
 class Broker:
@@ -185,6 +200,8 @@ class Broker:
         self._active: dict[str, _Active] = {}
         self._prefetch_queue: deque[str] = deque()
         self._prefetching = 0
+        #: Paths a client waits for that are not decided yet.
+        self._asked: set[str] = set()
         self._bad: dict[tuple[str, str], float] = {}
         self._failures: dict[tuple[str, str], Any] = {}
         #: (hash, fetcher) answers made by this process's own fetcher hosts.  An answer in the
@@ -197,6 +214,10 @@ class Broker:
         self._answers: dict[Any, _Answer] = {}
         self._answers_by_hash: dict[str, dict[Any, _Answer]] = {}
         self._per_demand = False
+        #: Offers waiting for their verdict, and whether a worker is judging some now.
+        self._to_judge: list[tuple[_Active, _Answer, Offer]] = []
+        self._judging = False
+        self._judge_pool: ThreadPoolExecutor | None = None
         self._offers_ref: Any = None
         self._declines_ref: Any = None
         self.facet: Any = None
@@ -254,6 +275,7 @@ class Broker:
             active.expires = max(active.expires, time.monotonic() + self.linger)
             return self._resolution(active)
         future: asyncio.Future[Resolution] = asyncio.get_running_loop().create_future()
+        self._asked.add(hash_part)
         if active is None:
             active = _Active(Demand(hash_part, dict(self.live), self.stats), intent)
             self._active[hash_part] = active
@@ -269,6 +291,7 @@ class Broker:
             return await future
         finally:
             timer.cancel()
+            self._answered(hash_part)
 
     async def settled(self, hash_part: str) -> None:
         """Wait until every fetcher has answered for this path (or its deadline passed), not
@@ -303,8 +326,15 @@ class Broker:
         self._pump_prefetches()
         return queued
 
+    def _answered(self, hash_part: str) -> None:
+        active = self._active.get(hash_part)
+        if hash_part in self._asked and (active is None or not active.waiters):
+            self._asked.discard(hash_part)
+            self._pump_prefetches()
+
     def _pump_prefetches(self) -> None:
-        while self._prefetch_queue and self._prefetching < PREFETCH_CONCURRENCY \
+        limit = PREFETCH_CONCURRENCY_ASKED if self._asked else PREFETCH_CONCURRENCY
+        while self._prefetch_queue and self._prefetching < limit \
                 and len(self._active) < MAX_PREFETCH_ACTIVE:
             hash_part = self._prefetch_queue.popleft()
             if hash_part in self._active:
@@ -396,6 +426,7 @@ class Broker:
         answer = self._answers.pop(handle, None)
         if answer is None:
             return
+        answer.gone = True
         same_hash = self._answers_by_hash.get(answer.hash_part)
         if same_hash is not None:
             same_hash.pop(handle, None)
@@ -411,7 +442,7 @@ class Broker:
         if answer.value is None:
             self._declined(active.demand, answer)
         else:
-            self._offered(active.demand, answer)
+            self._offered(active, answer)
         self._check(answer.hash_part)
 
     def _declined(self, demand: Demand, answer: _Answer) -> None:
@@ -421,7 +452,8 @@ class Broker:
         self.metrics.offers.labels(fetcher, "unavailable").inc()
         demand.declined(fetcher, str(answer.reason))
 
-    def _offered(self, demand: Demand, answer: _Answer) -> None:
+    def _offered(self, active: _Active, answer: _Answer) -> None:
+        demand = active.demand
         hash_part = answer.hash_part
         fetcher = answer.fetcher
         if not isinstance(fetcher, str):
@@ -446,12 +478,48 @@ class Broker:
             demand.declined(fetcher, f"offered a {scheme}: URI, which this daemon does not open "
                                      f"for that fetcher (it opens: {', '.join(sorted(self.openers))})")
             return
-        verdict = self.trust.judge(offer.info)
-        self.metrics.offers.labels(fetcher, "trusted" if verdict.trusted else "untrusted").inc()
-        if not verdict.trusted:
-            log.warning("%s offers %s, refused: %s", fetcher, offer.info.store_path, verdict.reason)
-        demand.offered(fetcher, offer, verdict)
-        answer.demand = demand
+        # Judged in a worker; until then the fetcher counts as not having answered.
+        self._to_judge.append((active, answer, offer))
+        if not self._judging:
+            self._judge_next()
+
+    def _judge_next(self) -> None:
+        batch, self._to_judge = self._to_judge[:JUDGE_BATCH], self._to_judge[JUDGE_BATCH:]
+        self._judging = bool(batch)
+        if not batch:
+            return
+        if self._judge_pool is None:
+            self._judge_pool = ThreadPoolExecutor(1, thread_name_prefix="substituter-trust")
+        infos = [offer.info for _, _, offer in batch]
+        future = self._judge_pool.submit(_judge_all, self.trust, infos)
+        loop = asyncio.get_running_loop()
+
+        def back(done: Future[list[Verdict]]) -> None:
+            try:
+                loop.call_soon_threadsafe(self._judged, batch, done)
+            except RuntimeError:  # the loop closed meanwhile (shutdown): nobody is waiting
+                pass
+
+        future.add_done_callback(back)
+
+    def _judged(self, batch: list[tuple[_Active, _Answer, Offer]], future: Future[list[Verdict]]) -> None:
+        try:
+            verdicts = future.result()
+        except Exception as exc:  # a bug while judging: refuse them all rather than guess
+            log.exception("judging %d offers", len(batch))
+            verdicts = [Verdict(False, f"could not be judged: {exc}")] * len(batch)
+        for (active, answer, offer), verdict in zip(batch, verdicts, strict=True):
+            hash_part = answer.hash_part
+            if answer.gone or self._active.get(hash_part) is not active or active.wants is None:
+                continue  # withdrawn, or its demand went meanwhile
+            fetcher = str(answer.fetcher)
+            self.metrics.offers.labels(fetcher, "trusted" if verdict.trusted else "untrusted").inc()
+            if not verdict.trusted:
+                log.warning("%s offers %s, refused: %s", fetcher, offer.info.store_path, verdict.reason)
+            active.demand.offered(fetcher, offer, verdict)
+            answer.demand = active.demand
+            self._check(hash_part)
+        self._judge_next()
 
     def _deadline(self, hash_part: str, active: _Active) -> None:
         # Not `demand.pending`: a demand with no fetcher at all has none pending, yet is undecided.

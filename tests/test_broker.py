@@ -275,3 +275,66 @@ def test_prefetch_resolves_everything_a_few_at_a_time_and_asked_paths_go_first(t
         assert running["most"] <= PREFETCH_CONCURRENCY + 1
 
     run_with_broker([fetcher], scenario)
+
+
+def test_few_prefetches_start_while_a_client_waits(tmp_path: Path) -> None:
+    """New prefetches would take the fetchers' connections ahead of the path a client waits
+    for: while it waits, at most PREFETCH_CONCURRENCY_ASKED of them run."""
+    from substituter.broker import PREFETCH_CONCURRENCY, PREFETCH_CONCURRENCY_ASKED
+
+    hashes = [f"{i:032d}" for i in range(400)]
+    infos = {h: make_info(make_nar(tmp_path / h, 100), hash_part=h) for h in hashes}
+    started: list[tuple[str, float]] = []
+
+    async def locate(hash_part: str) -> Offer | Unavailable:
+        started.append((hash_part, time.monotonic()))
+        await asyncio.sleep(0.05 if hash_part == hashes[-1] else 0.01)
+        return Offer(infos[hash_part], "test://slow")
+
+    fetcher = FunctionFetcher("slow", locate, serve_bytes(b""))
+
+    async def scenario(broker: Broker, _root: Any) -> None:
+        broker.prefetch(hashes)
+        await asyncio.sleep(0.005)  # the first prefetches are under way
+        asked_at = time.monotonic()
+        assert (await broker.resolve(hashes[-1], "query")).info is not None
+        answered_at = time.monotonic()
+        meanwhile = [h for h, t in started if asked_at <= t <= answered_at and h != hashes[-1]]
+        assert len(meanwhile) <= PREFETCH_CONCURRENCY_ASKED
+        for h in hashes:  # and once nobody waits, prefetching goes on at full width
+            assert (await broker.resolve(h, "query")).info is not None
+        assert sorted(h for h, _ in started) == sorted(hashes)
+        assert PREFETCH_CONCURRENCY > PREFETCH_CONCURRENCY_ASKED
+
+    run_with_broker([fetcher], scenario)
+
+
+def test_offers_are_judged_beside_the_event_loop(tmp_path: Path) -> None:
+    """Signature checks run in the broker's worker thread, not in the loop that answers Nix;
+    the verdicts are the policy's all the same (a bad signature is still refused)."""
+    import threading
+
+    good = make_info(make_nar(tmp_path / "good", 100))
+    bad = dataclasses.replace(make_info(make_nar(tmp_path / "bad", 100), hash_part="1" * 32),
+                              sigs=[f"{KEY.name}:" + "A" * 86 + "=="])
+    threads: list[str] = []
+    policy_judge = TrustPolicy.judge
+
+    def judge(self: TrustPolicy, info: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return policy_judge(self, info)
+
+    async def locate(hash_part: str) -> Offer | Unavailable:
+        return Offer(good if hash_part == good.hash_part else bad, "test://f")
+
+    async def scenario(broker: Broker, _root: Any) -> None:
+        TrustPolicy.judge = judge  # type: ignore[method-assign]
+        try:
+            assert (await broker.resolve(good.hash_part)).info == good
+            res = await broker.resolve(bad.hash_part)
+            assert res.info is None and "no valid signature" in res.reason
+        finally:
+            TrustPolicy.judge = policy_judge  # type: ignore[method-assign]
+        assert len(threads) == 2 and threading.main_thread().name not in threads
+
+    run_with_broker([FunctionFetcher("f", locate, serve_bytes(b""))], scenario)
