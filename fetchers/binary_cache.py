@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ PROBE_BACKOFF_START = 1.0
 PROBE_BACKOFF_MAX = 60.0
 #: Longest wait for nix-cache-info once connected (start and re-probes).
 PROBE_READ_TIMEOUT = 10.0
+#: A relative URL urljoin would only append to the cache's (no scheme, query, fragment,
+#: leading slash or dot segment at the start; dot segments inside are checked apart).
+_PLAIN_RELATIVE = re.compile(r"[A-Za-z0-9_~+=,@%-][A-Za-z0-9_~+=,@%.-]*(?:/[A-Za-z0-9_~+=,@%.-]+)*")
 
 
 @dataclass(frozen=True)
@@ -292,12 +296,21 @@ class BinaryCacheFetcher(Fetcher):
             return Unavailable(f"{url}: narinfo is for {info.store_path}, not {hash_part}")
         return Offer(
             info=info,
-            uri=urljoin(self.base_url, info.url),
+            uri=self._file_uri(info.url),
             compression=info.compression,
             file_size=info.file_size,
             file_hash=None if info.file_hash is None else str(info.file_hash),
             cost=round(self._latency_ms or 0),
         )
+
+    def _file_uri(self, url: str) -> str:
+        """The narinfo's URL resolved against the cache's: a plain relative path such as
+        ``nar/<hash>.nar.xz`` (what caches write) is appended, anything else goes through
+        urljoin (~6 µs an offer)."""
+        if _PLAIN_RELATIVE.fullmatch(url) and "/./" not in url and "/../" not in url \
+                and not url.endswith(("/.", "/..")):
+            return self.base_url + url
+        return urljoin(self.base_url, url)
 
     async def _get_retrying(self, url: str) -> tuple[int, bytes]:
         """GET a small resource, retrying transient failures with backoff (honours Retry-After)."""

@@ -23,7 +23,7 @@ __all__ = ["offer_to_record", "record_to_offer", "narinfo_to_record", "record_to
 def narinfo_to_record(info: NarInfo) -> NarInfoRecord:
     return NarInfoRecord(
         info.store_path,
-        str(info.nar_hash),
+        info.nar_hash_text(),
         info.nar_size,
         list(info.references),
         info.deriver or "",

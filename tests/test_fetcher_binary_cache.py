@@ -527,3 +527,17 @@ async def test_hidden_paths_are_404(
 def test_credentials_in_the_url_are_refused() -> None:
     with pytest.raises(ConfigError, match="must not carry credentials"):
         parse_options(BinaryCacheOptions, {"url": "https://user:secret@127.0.0.1/"}, "fetchers[0]")
+
+
+def test_file_uri_appends_plain_paths_and_joins_the_rest() -> None:
+    """A narinfo URL is resolved as urljoin would, whatever its form (the common plain
+    relative path takes a shortcut)."""
+    from urllib.parse import urljoin
+
+    from fetchers.binary_cache import BinaryCacheFetcher, BinaryCacheOptions
+
+    for base in ("http://127.0.0.1:1/", "https://cache.example/sub/dir/"):
+        fetcher = BinaryCacheFetcher("c", BinaryCacheOptions(url=base))
+        for url in ("nar/abc.nar.xz", "nar/../x.nar", "./nar/x", "/abs/x.nar", "nar/.", "nar/..",
+                    "http://other.example/nar/x", "//host/x", "nar/x?y=1", "nar/x#f", "a/./b"):
+            assert fetcher._file_uri(url) == urljoin(base, url), (base, url)

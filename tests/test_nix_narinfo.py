@@ -301,3 +301,12 @@ def test_with_url_changes_only_the_url() -> None:
     assert info.to_text() == SAMPLE
     moved.references.clear()
     assert info.references == [REF_A, REF_B]
+
+
+def test_nar_hash_text_follows_the_hash_object() -> None:
+    """The memo of ``str(nar_hash)`` is per hash object: a new hash gives its own text."""
+    info = NarInfo.parse(SAMPLE)
+    assert info.nar_hash_text() == str(info.nar_hash)
+    other = Hash("sha256", bytes(32))
+    info.nar_hash = other
+    assert info.nar_hash_text() == str(other) and info.fingerprint().decode().split(";")[2] == str(other)
