@@ -18,7 +18,7 @@ import logging
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -207,61 +207,105 @@ class _Fetch:
     order.  The importer sends, whenever the store is free, every path whose references are
     in, as one AddMultipleToStore (so the store works while the rest still resolves)."""
 
-    def __init__(self, runtime: Any, store: Store, jobs: int, progress: Progress) -> None:
+    def __init__(self, runtime: Any, store: Store | Awaitable[Store], jobs: int, progress: Progress) -> None:
         self.runtime = runtime
-        self.store = store
+        #: The store, or its opening (resolution starts while, e.g., a chroot's daemon comes up).
+        self._opening: asyncio.Future[Store] | None = None
+        if isinstance(store, Store):
+            self.store = store
+        else:
+            self._opening = asyncio.ensure_future(store)
         self.progress = progress
         self.plan = FetchPlan()
         self.order = ImportOrder()
         self.failures: dict[str, str] = {}
         self.resolved = False  # every level asked and answered
+        self.store_failed = False  # the store could not be opened
+        #: Next-level resolutions started before the level is known (references of roots).
+        self._early: dict[str, asyncio.Future[Resolution]] = {}
         self._changed = asyncio.Event()  # something became ready, or resolution ended
         self._limit = asyncio.Semaphore(jobs)
         self._downloads: dict[str, asyncio.Future[bytes | None]] = {}
         self._held = 0  # bytes of verified NARs kept in memory until imported
-        self._store_label = getattr(store, "root", None) or getattr(store, "socket_path", None) or "store"
         from preserves import Record, Symbol
         self._realised_label = Symbol("realised")
         self._record = Record
 
     # -- resolving ------------------------------------------------------------------------
 
+    async def _store(self) -> Store:
+        if self._opening is not None:
+            try:
+                self.store = await self._opening
+            except BaseException:
+                self.store_failed = True  # not an import failure: the caller reports it
+                raise
+            self._opening = None
+        return self.store
+
     async def resolve(self, roots: list[str]) -> None:
         store_dir = self.runtime.config.store_dir
         seen: set[str] = set(roots)
-        frontier = list(roots)
-        checked: dict[str, str] = {}  # hash part -> the path whose validity the store was asked
+        # Hash part -> the path to ask the store about: known for references (``store_dir/ref``),
+        # not for roots (their name comes with the narinfo).
+        frontier: dict[str, str | None] = dict.fromkeys(roots)
         while frontier:
-            wanted_refs: dict[str, str] = {}  # hash part -> full path, references not yet seen
-            unchecked: list[Resolution] = []
-            for answer in asyncio.as_completed([self.runtime.broker.resolve(h, "fetch") for h in frontier]):
-                res = await answer
-                info = res.info
-                if info is None:
-                    self.plan.missing[res.hash_part] = res.reason
-                    continue
-                # References were asked about as ``store_dir/ref`` before they were resolved;
-                # only roots, and a path whose narinfo names it differently, need asking here.
-                if checked.get(res.hash_part) != info.store_path:
-                    unchecked.append(res)
-                    continue
-                self._accept(res, seen, wanted_refs, store_dir)
-            if unchecked:
-                valid = await self.store.query_valid_paths(resolved_info(r).store_path for r in unchecked)
-                for res in unchecked:
-                    if resolved_info(res).store_path in valid:
-                        await self._present(res.hash_part, resolved_info(res).store_path)
-                    else:
-                        self._accept(res, seen, wanted_refs, store_dir)
-            # References the store already has (e.g. built locally) need no source at all.
-            present = await self.store.query_valid_paths(wanted_refs.values()) if wanted_refs else set()
-            for hash_part, path in wanted_refs.items():
-                if path in present:
-                    await self._present(hash_part, path)  # a valid path's closure is valid too
-            checked = wanted_refs
-            frontier = [h for h, path in wanted_refs.items() if path not in present]
+            # A whole level is asked at once, and meanwhile the store is asked which of the
+            # named paths it has already; the answers for those are dropped.
+            asked = {h: self._early.pop(h, None) or asyncio.ensure_future(self.runtime.broker.resolve(h, "fetch"))
+                     for h in frontier}
+            try:
+                frontier = dict(await self._resolve_level(frontier, asked, seen, store_dir))
+            except BaseException:
+                for task in self._early.values():
+                    task.cancel()
+                self._early.clear()
+                raise
+            finally:
+                for task in asked.values():
+                    task.cancel()  # only those still running: the store has their paths
+            for hash_part in [h for h in self._early if h not in frontier]:
+                self._early.pop(hash_part).cancel()  # a root the store had already
         self.resolved = True
         self._changed.set()
+
+    async def _resolve_level(self, frontier: dict[str, str | None], asked: dict[str, asyncio.Future[Resolution]],
+                             seen: set[str], store_dir: str) -> dict[str, str]:
+        """Handle one level's answers as they come; returns the next level (references not yet seen)."""
+        named = [path for path in frontier.values() if path is not None]
+        if named:
+            # References the store already has (e.g. built locally) need no source at all.
+            valid = await (await self._store()).query_valid_paths(named)
+            for hash_part, path in frontier.items():
+                if path in valid:
+                    asked.pop(hash_part).cancel()
+                    await self._present(hash_part, path)  # a valid path's closure is valid too
+        wanted_refs: dict[str, str] = {}  # hash part -> full path, references not yet seen
+        unchecked: list[Resolution] = []
+        for answer in asyncio.as_completed(list(asked.values())):
+            res = await answer
+            info = res.info
+            if info is None:
+                self.plan.missing[res.hash_part] = res.reason
+                continue
+            # Only roots, and a path whose narinfo names it differently, need asking here.
+            if frontier[res.hash_part] != info.store_path:
+                unchecked.append(res)
+                # While the store is asked (and perhaps still coming up), its references are
+                # asked for already: dropped again if the store has the path.
+                for ref in info.references:
+                    if ref[:32] not in seen and ref[:32] not in self._early:
+                        self._early[ref[:32]] = asyncio.ensure_future(self.runtime.broker.resolve(ref[:32], "fetch"))
+                continue
+            self._accept(res, seen, wanted_refs, store_dir)
+        if unchecked:
+            valid = await (await self._store()).query_valid_paths(resolved_info(r).store_path for r in unchecked)
+            for res in unchecked:
+                if resolved_info(res).store_path in valid:
+                    await self._present(res.hash_part, resolved_info(res).store_path)
+                else:
+                    self._accept(res, seen, wanted_refs, store_dir)
+        return wanted_refs
 
     def _accept(self, res: Resolution, seen: set[str], wanted_refs: dict[str, str], store_dir: str) -> None:
         """A path to import: its download starts now, and it joins the import order."""
@@ -279,7 +323,7 @@ class _Fetch:
         self._changed.set()
 
     async def _present(self, hash_part: str, path: str) -> None:
-        add_temp_root = getattr(self.store, "add_temp_root", None)
+        add_temp_root = getattr(await self._store(), "add_temp_root", None)
         if add_temp_root is not None:
             # What is already there must survive a garbage collection until its referrers are in.
             await add_temp_root(path)
@@ -334,7 +378,8 @@ class _Fetch:
 
         from . import turns
 
-        record = self._record(self._realised_label, (path, self._store_label))  # preserve(Realised(…))
+        store = getattr(self.store, "root", None) or getattr(self.store, "socket_path", None) or "store"
+        record = self._record(self._realised_label, (path, store))  # preserve(Realised(…))
         turns.external(self.runtime.facet, lambda: turn.publish(self.runtime.ds, record))
 
     # -- importing ------------------------------------------------------------------------
@@ -343,14 +388,15 @@ class _Fetch:
         """Import batch after batch of ready paths until the resolution ended and none is left."""
         # A private chroot store (our own daemon) trusts what the broker's TrustPolicy
         # accepted; a shared daemon checks signatures itself too.
-        private = getattr(self.store, "private", False)
+        store = await self._store()
+        private = getattr(store, "private", False)
         while True:
             self._changed.clear()
             batch = self.order.take()
             if batch:
                 resolutions = [self.plan.resolutions[h] for h in batch]
                 # References come first; each path is registered whole or not at all.
-                await self.store.add_multiple_to_store(
+                await store.add_multiple_to_store(
                     ((to_path_info(resolved_info(r)), self._verified(r)) for r in resolutions),
                     dont_check_sigs=private)
             elif self.resolved:
@@ -362,12 +408,15 @@ class _Fetch:
         for task in self._downloads.values():
             task.cancel()
         await asyncio.gather(*self._downloads.values(), return_exceptions=True)
+        if self._opening is not None and not self._opening.done():
+            self._opening.cancel()  # the caller still holds it (and closes what it opened)
 
 
-async def fetch_closure(runtime: Any, store: Store, roots: list[str], *, jobs: int = 8,
+async def fetch_closure(runtime: Any, store: Store | Awaitable[Store], roots: list[str], *, jobs: int = 8,
                         progress: Progress | None = None) -> tuple[FetchPlan, dict[str, str]]:
-    """Resolve, fetch and import the closures of ``roots``; returns the plan and failures by
-    store path (empty when every path went in; paths blocked by a missing one are not named)."""
+    """Resolve, fetch and import the closures of ``roots`` into ``store`` (or the store being
+    opened: roots are resolved meanwhile); returns the plan and failures by store path (empty
+    when every path went in; paths blocked by a missing one are not named)."""
     fetch = _Fetch(runtime, store, jobs, progress or Progress())
     resolving = asyncio.ensure_future(fetch.resolve(roots))
     importing = asyncio.ensure_future(fetch.import_ready())
@@ -379,6 +428,8 @@ async def fetch_closure(runtime: Any, store: Store, roots: list[str], *, jobs: i
         try:
             await importing
         except (FetchError, StoreError, SubstituterError) as exc:
+            if fetch.store_failed:
+                raise
             if not fetch.failures:
                 fetch.failures["(import)"] = str(exc)
         if not fetch.plan.missing and not fetch.failures and fetch.order.blocked():
@@ -440,8 +491,10 @@ def _run_fetch(config: Any, targets: list[str], store_spec: str, started: Starte
         opening = asyncio.ensure_future(open_store(store_spec, config.store_dir, started=started))
         try:
             await runtime.start()
+            # The store may still be coming up (a chroot's daemon creating its database): the
+            # roots are resolved meanwhile.
+            plan, failures = await fetch_closure(runtime, opening, targets, jobs=jobs, progress=Progress(out))
             store = await opening
-            plan, failures = await fetch_closure(runtime, store, targets, jobs=jobs, progress=Progress(out))
             for hash_part, reason in sorted(plan.missing.items()):
                 print(f"error: {hash_part}: not found: {reason}", file=out)
             for path, reason in failures.items():
