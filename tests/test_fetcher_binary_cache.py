@@ -541,3 +541,19 @@ def test_file_uri_appends_plain_paths_and_joins_the_rest() -> None:
         for url in ("nar/abc.nar.xz", "nar/../x.nar", "./nar/x", "/abs/x.nar", "nar/.", "nar/..",
                     "http://other.example/nar/x", "//host/x", "nar/x?y=1", "nar/x#f", "a/./b"):
             assert fetcher._file_uri(url) == urljoin(base, url), (base, url)
+
+
+async def test_narinfos_share_one_kept_alive_connection_of_their_own(
+    cache: BuiltCache, serve_cache: Serve, started: Callable[..., Any]
+) -> None:
+    """One locate after another: every narinfo GET on the same connection (the fetcher's plain
+    client), the NARs through aiohttp's pool; credentials go with both."""
+    server = serve_cache(cache.root)
+    token = cache.root.parent / "token"
+    token.write_text("t0k\n")
+    fetcher = await started(server.url, bearer_token_file=token)
+    offers = [await locate_offer(fetcher, p) for p in cache.paths]
+    narinfos = [r for r in server.requests if r.path.endswith(".narinfo")]
+    assert len(narinfos) == len(cache.paths) and len({r.client_port for r in narinfos}) == 1
+    assert all(r.headers.get("Authorization") == "Bearer t0k" for r in narinfos)
+    assert await read_all(fetcher, offers[0])

@@ -330,7 +330,8 @@ def test_daemon_front_and_aiohttp_serve_the_same_narinfo(nix, nix_keys, tmp_path
 
     cache = build_cache(nix, nix_keys, tmp_path / "cache", "xz")
     server = serve_cache(cache.root)
-    config = {"trusted-public-keys": [cache.public_key],
+    # No NAR prefetch: a NAR cached between two requests changes the narinfo served (its URL).
+    config = {"trusted-public-keys": [cache.public_key], "nar-cache": {"prefetch": 0},
               "fetchers": [{"type": "binary-cache", "name": "upstream", "url": server.url}]}
     hash_part = cache.hash_part(cache.top)
 
