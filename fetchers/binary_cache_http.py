@@ -3,7 +3,7 @@
 Nix walks a closure one narinfo at a time, and the daemon resolves the rest ahead of it; each
 narinfo GET through aiohttp's client costs ~0.1 ms of the event loop (request and response
 objects, header multidicts, timers, middlewares) for a request of two lines and an answer of
-~1 KiB.  This client keeps its own idle connections to the cache, writes the request in one
+~1 KiB.  Bodies come as stored (``Accept-Encoding: identity``; an encoded answer is not plain).  This client keeps its own idle connections to the cache, writes the request in one
 piece and reads the answer with one small parser.
 
 It handles only the plain case: a complete answer with a ``Content-Length`` (or a status without
@@ -69,7 +69,8 @@ def parse_answer(data: bytes, max_body: int) -> PlainAnswer | None | bool:
             if not text.isdigit() or length is not None:
                 return None
             length = int(text)
-        elif name == b"transfer-encoding":
+        elif name == b"transfer-encoding" or (name == b"content-encoding"
+                                               and value.strip().lower() != b"identity"):
             return None
         elif name == b"connection":
             tokens = value.lower()
@@ -172,7 +173,7 @@ class SmallGets:
         auth = self.authorization(url) if self.authorization is not None else None
         request = (f"GET {path} HTTP/1.1\r\nHost: {self.host_header}\r\n"
                    + (f"Authorization: {auth}\r\n" if auth else "")
-                   + "Accept: */*\r\n\r\n").encode("latin-1")
+                   + "Accept: */*\r\nAccept-Encoding: identity\r\n\r\n").encode("latin-1")
         for _attempt in range(2):  # a kept-alive connection the server had closed: once more
             conn, reused = await self._acquire()
             if conn is None:

@@ -144,3 +144,11 @@ async def test_a_stall_or_a_cut_answer_is_transient() -> None:
     async with serving(cut) as (base, _connections):
         with pytest.raises(TransientFetchError, match="closed before a complete answer"):
             await client(base).get(f"{base}x.narinfo")
+
+
+def test_encoded_answers_are_not_plain() -> None:
+    """Bytes must arrive as stored: an answer with a Content-Encoding goes to aiohttp."""
+    encoded = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 1\r\n\r\nx"
+    assert parse_answer(encoded, 100) is None
+    same = b"HTTP/1.1 200 OK\r\nContent-Encoding: identity\r\nContent-Length: 1\r\n\r\nx"
+    assert isinstance(parse_answer(same, 100), PlainAnswer)
