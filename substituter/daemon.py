@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -123,7 +122,6 @@ class Daemon:
 
     def run(self, on_ready: Callable[[Daemon], None] | None = None) -> None:
         """Block running the daemon until SIGTERM/SIGINT (or request_stop)."""
-        sys.setswitchinterval(SWITCH_INTERVAL)
         loop = self._loop = new_event_loop()
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -139,13 +137,6 @@ class Daemon:
                 on_ready(self)
             loop.create_task(watch())
         actor.System(loop=loop).run(self.boot, name="substituter", configure_logging=False)
-
-
-#: How long a thread holding the GIL runs before one waiting for it gets a turn (CPython's
-#: default is 5 ms).  While a NAR streams, worker threads decode and hash and the event loop
-#: waits for the GIL after each socket call: a shorter turn keeps the pipeline moving (cold
-#: 256 MiB NAR ~7% faster, daemon_bench; the work between turns is mostly C without the GIL).
-SWITCH_INTERVAL = 0.0005
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
