@@ -58,15 +58,15 @@ def nar_url(info: NarInfo, compressed: bool) -> str:
     return f"nar/{info.nar_hash.nix32()}-{info.hash_part}.nar" + (".zst" if compressed else "")
 
 
-def served_narinfo(info: NarInfo, cached: CachedNar | None, verify_first: int) -> bytes:
+def served_narinfo(info: NarInfo, cached: CachedNar | None, stream_zstd_above: int | None) -> bytes:
     """The upstream narinfo with its signatures, describing our own file of the NAR instead.
 
     A NAR already in the verified cache is offered as that zstd file (sent with sendfile).  One
-    that is not: as the plain NAR when it is verified whole before it is sent (up to
-    ``verify_first`` bytes, nar-cache.verify-first), else as a zstd stream, which passes on a zstd
-    source's own blocks as they verify (the client decodes them, as it would have from the
-    source; the file's hash and size are not known up front).  All these URLs stay valid
-    whatever the cache holds later.
+    that is not: as the plain NAR, streamed while it is verified (no compression work, a known
+    length, Range); or, above ``stream_zstd_above`` bytes (nar-cache.stream-zstd: the NARs not
+    verified whole first), as a zstd stream passing a zstd source's own blocks on as they verify
+    (the file's hash and size are not known up front).  All these URLs stay valid whatever the
+    cache holds later.
 
     Rendered once per narinfo object and cache state: a resolution hands out the same
     :class:`NarInfo` object for as long as it stands, so repeated requests reuse the bytes.
@@ -77,7 +77,7 @@ def served_narinfo(info: NarInfo, cached: CachedNar | None, verify_first: int) -
     if body is None:
         if cached is not None:
             body = info.with_file(nar_url(info, True), "zstd", None, cached.file_size).to_bytes()
-        elif info.nar_size > verify_first:
+        elif stream_zstd_above is not None and info.nar_size > stream_zstd_above:
             body = info.with_file(nar_url(info, True), "zstd", None, None).to_bytes()
         else:
             body = info.with_file(nar_url(info, False), "none", info.nar_hash, info.nar_size).to_bytes()
@@ -143,6 +143,7 @@ class Narinfos:
         self._misses = metrics.narinfo_requests.labels("miss")
         self._latency = metrics.narinfo_latency
         self._instant_hits = 0
+        self._stream_zstd_above = daemon.nars.spool_limit if config.nar_cache.stream_zstd else None
 
     def flush_metrics(self) -> None:
         """Count the hits answered at once in the hit counter and as 0 s in the histogram."""
@@ -257,7 +258,7 @@ class Narinfos:
         answer = entry.answers.get(state)
         if answer is None:
             answer = entry.answers[state] = prebuilt(200, NARINFO_TYPE, NARINFO_CACHE_CONTROL,
-                                                     served_narinfo(info, cached, nars.spool_limit))
+                                                     served_narinfo(info, cached, self._stream_zstd_above))
         return answer
 
 

@@ -105,3 +105,10 @@ def test_nar_cache_sizes() -> None:
     assert parse_config({"nar-cache": {"prefetch": 0}}).nar_cache.prefetch == 0
     with pytest.raises(ConfigError, match="nar-cache.prefetch"):
         parse_config({"nar-cache": {"prefetch": "lots"}})
+
+
+def test_stream_zstd_is_off_unless_asked() -> None:
+    assert parse_config({}).nar_cache.stream_zstd is False
+    assert parse_config({"nar-cache": {"stream-zstd": True}}).nar_cache.stream_zstd is True
+    with pytest.raises(ConfigError, match="stream-zstd"):
+        parse_config({"nar-cache": {"stream-zstd": "yes"}})

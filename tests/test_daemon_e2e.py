@@ -311,7 +311,7 @@ def test_a_streamed_zstd_nar_is_passed_on_as_its_own_blocks(nix: Nix, nix_keys, 
     path, nar_file, public_key = big_zstd_cache(nix, nix_keys, tmp_path / "cache")
     server = serve_cache(tmp_path / "cache")
     config = {"trusted-public-keys": [public_key], "fetchers": [binary_cache(server.url)],
-              "nar-cache": {"enable": False, "verify-first": 0}}
+              "nar-cache": {"enable": False, "verify-first": 0, "stream-zstd": True}}
     with DaemonProcess(tmp_path, config, nix.env) as daemon:
         served = httpx.get(f"{daemon.url}/{Path(path).name[:32]}.narinfo").text
         assert "Compression: zstd" in served and "FileHash" not in served
@@ -336,7 +336,7 @@ def test_a_zstd_source_cut_mid_stream_goes_on_in_the_same_frame(
     good = serve_cache(tmp_path / "cache")
     config = {"trusted-public-keys": [public_key],
               "fetchers": [binary_cache(flaky.url, "flaky", 10), binary_cache(good.url, "good", 50)],
-              "nar-cache": {"verify-first": 0}}
+              "nar-cache": {"verify-first": 0, "stream-zstd": True}}
     with DaemonProcess(tmp_path, config, nix.env) as daemon:
         result = copy_from(nix, daemon.url, tmp_path / "store", public_key, path)
         assert result.returncode == 0, result.stderr.decode() + daemon.log()
@@ -344,12 +344,14 @@ def test_a_zstd_source_cut_mid_stream_goes_on_in_the_same_frame(
         assert "flaky" in daemon.log() and "trying the next source" in daemon.log()
 
 
-def test_the_only_source_dropping_mid_stream_is_taken_up_again(nix: Nix, nix_keys, tmp_path: Path, serve_cache) -> None:
+@pytest.mark.parametrize("stream_zstd", [False, True])
+def test_the_only_source_dropping_mid_stream_is_taken_up_again(nix: Nix, nix_keys, tmp_path: Path, serve_cache,
+                                                               stream_zstd: bool) -> None:
     path, nar_file, public_key = big_zstd_cache(nix, nix_keys, tmp_path / "cache")
     flaky = serve_cache(tmp_path / "cache")
     flaky.cut_after(nar_file.stat().st_size * 2 // 3, times=1)
     config = {"trusted-public-keys": [public_key], "fetchers": [binary_cache(flaky.url, "flaky")],
-              "nar-cache": {"verify-first": 0}}
+              "nar-cache": {"verify-first": 0, "stream-zstd": stream_zstd}}
     with DaemonProcess(tmp_path, config, nix.env) as daemon:
         result = copy_from(nix, daemon.url, tmp_path / "store", public_key, path)
         assert result.returncode == 0, result.stderr.decode() + daemon.log()
