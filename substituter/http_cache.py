@@ -55,7 +55,8 @@ DAEMON_KEY: web.AppKey[Daemon] = web.AppKey("daemon")
 
 def nar_url(info: NarInfo, compressed: bool) -> str:
     """The daemon's own, content-addressed URL for a path's NAR (relative to the cache root)."""
-    return f"nar/{info.nar_hash.nix32()}-{info.hash_part}.nar" + (".zst" if compressed else "")
+    nar_hash = info.nar_hash_text().partition(":")[2]  # the nix32 form, encoded once per narinfo
+    return f"nar/{nar_hash}-{info.hash_part}.nar" + (".zst" if compressed else "")
 
 
 def served_narinfo(info: NarInfo, cached: CachedNar | None, stream_zstd_above: int | None) -> bytes:
@@ -92,7 +93,7 @@ class _Served:
 
     def __init__(self, info: NarInfo) -> None:
         self.info = info  # holds the object, so its id() is not reused while this entry lives
-        self.nar_hash = info.nar_hash.nix32()
+        self.nar_hash = info.nar_hash_text().partition(":")[2]
         self.bodies: dict[int, bytes] = {}
         self.answers: dict[int, Prebuilt] = {}  # the same, as whole responses
         self.prefetched = False  # its references and NAR were asked for once served
