@@ -4,8 +4,9 @@ One handler per resource, one route table registering GET and HEAD for each:
 
 * ``/nix-cache-info``          StoreDir, WantMassQuery, Priority
 * ``/<hash>.narinfo``          the best trusted narinfo, its URL pointing at our own NAR URL
-* ``/nar/<narhash>-<hash>.nar.zst`` the verified NAR as one zstd frame: the cached file itself
-  (sendfile, Range) or, while it is first fetched, the frame as it is written to the cache
+* ``/nar/<narhash>-<hash>.nar.zst`` the verified NAR as zstd: the cached file itself (sendfile,
+  Range) or, while it is first fetched, a stream passing the source's zstd blocks on as they
+  verify (see nix.zstd_frames.ZstdRelay; offered for large NARs with nar-cache.stream-zstd)
 * ``/nar/<narhash>-<hash>.nar`` the verified, uncompressed NAR (Range supported)
 * ``/metrics``                 Prometheus metrics
 
