@@ -33,6 +33,7 @@ import importlib.util
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import statistics
@@ -74,6 +75,7 @@ class NixRunner:
         self.env = dict(os.environ, NIX_CONFIG=NIX_CONFIG)
         self.env.pop("NIX_REMOTE", None)
         self._count = 0
+        self.last_cpu = 0.0
 
     def fresh_dir(self, name: str) -> Path:
         self._count += 1
@@ -95,9 +97,13 @@ class NixRunner:
         store = self.fresh_dir("store")
         args = ["nix", "copy", "--from", url, "--to", str(store),
                 "--option", "trusted-public-keys", public_key, *paths]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         proc = subprocess.run(args, env=self.fresh_env(), capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        #: Nix's own user + system CPU for the last copy (children's rusage, nothing else runs then)
+        self.last_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         if proc.returncode != 0:
             raise RuntimeError(f"nix copy --from {url} failed ({proc.returncode}):\n{proc.stderr}")
         # The copy must be complete and valid, else the time means nothing.
@@ -283,21 +289,43 @@ def peak_rss_mib(pid: int) -> tuple[float, float]:
 # -- parts --------------------------------------------------------------------------------------
 
 
+def three_ways(fx: Fixtures, upstream: str, public_key: str, top: str, runs: int
+               ) -> tuple[list[float], list[float], list[float], dict[str, list[float]]]:
+    """Nix direct, then a fresh daemon cold and warm, ``runs`` times: wall seconds of each, and
+    CPU seconds (Nix's for each copy, the daemon's during the cold and the warm copy)."""
+    direct: list[float] = []
+    cold: list[float] = []
+    warm: list[float] = []
+    cpu: dict[str, list[float]] = {k: [] for k in ("nix direct", "nix cold", "nix warm", "daemon cold", "daemon warm")}
+    for _ in range(runs):
+        direct.append(fx.nix.copy_from(upstream, public_key, top))
+        cpu["nix direct"].append(fx.nix.last_cpu)
+        daemon = start_daemon(fx.nix, upstream, public_key)
+        assert daemon.proc is not None
+        pid = daemon.proc.pid
+        try:
+            for label, times in (("cold", cold), ("warm", warm)):
+                used = cpu_seconds(pid)
+                times.append(fx.nix.copy_from(daemon.url, public_key, top))
+                cpu[f"daemon {label}"].append(cpu_seconds(pid) - used)
+                cpu[f"nix {label}"].append(fx.nix.last_cpu)
+        finally:
+            daemon.stop()
+            remove_tree(daemon.tmp)
+    return direct, cold, warm, cpu
+
+
+def print_cpu(cpu: dict[str, list[float]]) -> None:
+    print("   CPU s (user + system, median): " + ", ".join(
+        f"{label} {statistics.median(values):.2f}" for label, values in cpu.items()) + "\n")
+
+
 def bench_nar(fx: Fixtures, mib: int, compression: str, runs: int) -> None:
     print(f"== 1. {mib} MiB NAR (half random, half text), cache compression={compression}")
     top = fx.big_path(mib)
     pub = fx.publish(f"nar-{compression}", top, compression)
-    direct, cold, warm = [], [], []
     with nginx(pub.cache, fx.work / f"nginx-nar-{compression}") as upstream:
-        for _ in range(runs):
-            direct.append(fx.nix.copy_from(upstream, pub.public_key, top))
-            daemon = start_daemon(fx.nix, upstream, pub.public_key)
-            try:
-                cold.append(fx.nix.copy_from(daemon.url, pub.public_key, top))
-                warm.append(fx.nix.copy_from(daemon.url, pub.public_key, top))
-            finally:
-                daemon.stop()
-                remove_tree(daemon.tmp)
+        direct, cold, warm, cpu = three_ways(fx, upstream, pub.public_key, top, runs)
     base = statistics.median(direct)
     print(f"   {'nix copy --from':<28} {'median s':>8} {'MiB/s':>7} {'ratio':>6}   runs")
     for label, times in [("nginx (Nix direct)", direct), ("daemon, cold NAR cache", cold),
@@ -305,7 +333,8 @@ def bench_nar(fx: Fixtures, mib: int, compression: str, runs: int) -> None:
         med = statistics.median(times)
         each = " ".join(f"{t:.2f}" for t in times)
         print(f"   {label:<28} {med:>8.2f} {mib / med:>7.0f} {med / base:>6.2f}   {each}")
-    print("   ratio = time / Nix direct time (target <= 1.0)\n")
+    print("   ratio = time / Nix direct time (target <= 1.0)")
+    print_cpu(cpu)
 
 
 def bench_closure(fx: Fixtures, n: int, runs: int) -> Published:
@@ -313,24 +342,16 @@ def bench_closure(fx: Fixtures, n: int, runs: int) -> Published:
     top, _ = fx.text_closure(n)
     pub = fx.publish(f"closure-{n}", top, "zstd")
     assert len(pub.paths) == n, f"closure has {len(pub.paths)} paths, expected {n}"
-    direct, cold, warm = [], [], []
     with nginx(pub.cache, fx.work / "nginx-closure") as upstream:
-        for _ in range(runs):
-            direct.append(fx.nix.copy_from(upstream, pub.public_key, top))
-            daemon = start_daemon(fx.nix, upstream, pub.public_key)
-            try:
-                cold.append(fx.nix.copy_from(daemon.url, pub.public_key, top))
-                warm.append(fx.nix.copy_from(daemon.url, pub.public_key, top))
-            finally:
-                daemon.stop()
-                remove_tree(daemon.tmp)
+        direct, cold, warm, cpu = three_ways(fx, upstream, pub.public_key, top, runs)
     base = statistics.median(direct)
     print(f"   {'nix copy --from':<28} {'median s':>8} {'ratio':>6}   runs")
     for label, times in [("nginx (Nix direct)", direct), ("daemon, cold", cold),
                          ("daemon, warm (2nd copy)", warm)]:
         med = statistics.median(times)
         print(f"   {label:<28} {med:>8.2f} {med / base:>6.2f}   {' '.join(f'{t:.2f}' for t in times)}")
-    print("   ratio = time / Nix direct time (target <= 1.1)\n")
+    print("   ratio = time / Nix direct time (target <= 1.1)")
+    print_cpu(cpu)
     return pub
 
 
