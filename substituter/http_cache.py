@@ -33,6 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .errors import FetchError
 from .http_front import Prebuilt, prebuilt
 from .nix.narinfo import NarInfo
+from .sendfile import send_file_body
 
 if TYPE_CHECKING:
     from .broker import Resolution
@@ -359,7 +360,7 @@ async def _nar_zstd(request: web.Request, daemon: Daemon, nar_hash: str, hash_pa
             except FileNotFoundError:
                 return _not_found(f"{hash_part}: NAR left the cache")
             return web.Response(body=body, headers=headers)
-        return web.FileResponse(cached.path, headers=headers)
+        return await _send_cached_file(request, daemon, cached, headers, hash_part)
     assert res is not None
     response = web.StreamResponse(headers=headers)  # length unknown while compressing: chunked
     if request.method == "HEAD":
@@ -368,22 +369,55 @@ async def _nar_zstd(request: web.Request, daemon: Daemon, nar_hash: str, hash_pa
     return await _send(request, response, daemon.nars.stream_zstd(res), daemon, nar_hash, hash_part)
 
 
-async def _nar_raw(request: web.Request, daemon: Daemon, nar_hash: str, hash_part: str,
-                   cached: CachedNar | None, res: Resolution | None) -> web.StreamResponse:
-    size = cached.nar_size if cached is not None else res.info.nar_size  # type: ignore[union-attr]
+async def _send_cached_file(request: web.Request, daemon: Daemon, cached: CachedNar, headers: dict[str, str],
+                            hash_part: str) -> web.StreamResponse:
+    """A cache file as it is (it was verified before it was cached), with sendfile(2)."""
+    try:
+        file = await asyncio.to_thread(open, cached.path, "rb")
+    except FileNotFoundError:
+        return _not_found(f"{hash_part}: NAR left the cache")
+    with file:
+        ranged = _ranged_response(request, cached.file_size, {**headers, "Accept-Ranges": "bytes"})
+        if isinstance(ranged, web.Response):
+            return ranged
+        response, offset = ranged
+        if request.method == "HEAD":
+            await response.prepare(request)
+            return response
+        try:
+            await send_file_body(request, response, file, offset, cached.file_size - offset)
+        except OSError as exc:
+            return _nar_failed(daemon, cached.nar_hash, hash_part, exc, response, request)
+    return response
+
+
+def _ranged_response(request: web.Request, size: int, headers: dict[str, str]
+                     ) -> tuple[web.StreamResponse, int] | web.Response:
+    """The response for ``size`` bytes and the offset it starts from, where the request's Range
+    header says (only open-ended ranges are served: what resuming clients send); or the 416 answer
+    to a range that is not one.  Content-Length is set; the caller sends the body."""
     offset = 0
     status = 200
-    headers = {"Content-Type": "application/x-nix-nar", "Accept-Ranges": "bytes", "Cache-Control": IMMUTABLE}
     if (rng := request.headers.get("Range")) is not None:
         rm = _RANGE.fullmatch(rng.strip())
         if rm is None or int(rm.group(1)) >= size or (rm.group(2) and int(rm.group(2)) < size - 1):
-            # Only open-ended ranges are served (what resuming clients send).
             return web.Response(status=416, headers={"Content-Range": f"bytes */{size}", **NO_STORE})
         offset = int(rm.group(1))
         status = 206
-        headers["Content-Range"] = f"bytes {offset}-{size - 1}/{size}"
+        headers = {**headers, "Content-Range": f"bytes {offset}-{size - 1}/{size}"}
     response = web.StreamResponse(status=status, headers=headers)
     response.content_length = size - offset
+    return response, offset
+
+
+async def _nar_raw(request: web.Request, daemon: Daemon, nar_hash: str, hash_part: str,
+                   cached: CachedNar | None, res: Resolution | None) -> web.StreamResponse:
+    size = cached.nar_size if cached is not None else res.info.nar_size  # type: ignore[union-attr]
+    headers = {"Content-Type": "application/x-nix-nar", "Accept-Ranges": "bytes", "Cache-Control": IMMUTABLE}
+    ranged = _ranged_response(request, size, headers)
+    if isinstance(ranged, web.Response):
+        return ranged
+    response, offset = ranged
     if request.method == "HEAD":
         await response.prepare(request)
         return response
