@@ -350,11 +350,11 @@ async def _nar_zstd(request: web.Request, daemon: Daemon, nar_hash: str, hash_pa
         except FetchError as exc:
             return _nar_failed(daemon, nar_hash, hash_part, exc, None, request)
     if cached is not None:
-        # Verified before it was cached and named by its NarHash: sendfile, Range, HEAD for free.
+        # Verified before it was cached and named by its NarHash: sent as it is.
         daemon.metrics.nar_bytes.inc(cached.file_size)
         if cached.file_size <= SMALL_FILE and request.method == "GET" and "Range" not in request.headers:
             # A small file costs less read in one worker call and sent with its headers in one
-            # write than through FileResponse (stat/open and close in workers, then sendfile).
+            # write than opened in a worker and sent with sendfile.
             try:
                 body = await asyncio.to_thread(cached.path.read_bytes)
             except FileNotFoundError:
