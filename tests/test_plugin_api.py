@@ -4,6 +4,8 @@ plugins through entry points, and the function-backed fetcher."""
 from __future__ import annotations
 
 import importlib.metadata
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ from substituter.nix.hashes import Hash
 from substituter.nix.narinfo import NarInfo
 from substituter.plugin import (
     BLOCK_ENV,
+    BUILTIN_FETCHERS,
     ENTRY_POINT_GROUP,
     Answer,
     Fetcher,
@@ -185,6 +188,29 @@ def test_builtins_load_through_the_entry_point_group() -> None:
     installed = available_fetcher_types()
     assert {"binary-cache", "local-mirror"} <= set(installed)
     assert all(ep.group == ENTRY_POINT_GROUP for ep in installed.values())
+
+
+def test_builtin_table_is_what_the_package_registers() -> None:
+    installed = available_fetcher_types()
+    assert {kind: installed[kind].value for kind in BUILTIN_FETCHERS} == BUILTIN_FETCHERS
+
+
+def test_a_builtin_loads_without_scanning_installed_plugins() -> None:
+    # A fresh interpreter: importlib.metadata (and the scan) stays out of a one-off fetch.
+    code = ("import sys; from substituter.plugin import load_fetcher_type; "
+            "cls = load_fetcher_type('local-mirror'); "
+            "print(cls.__module__, 'importlib.metadata' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["fetchers.local_mirror", "False"]
+
+
+def test_a_builtin_kind_registered_by_another_plugin_loads_the_builtin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    use_entry_points(monkeypatch, ("binary-cache", f"{__name__}:MislabelledFetcher"))
+    assert load_fetcher_type("binary-cache") is BinaryCacheFetcher
+    # the listing (`substituter plugins`) still shows what is registered
+    assert available_fetcher_types()["binary-cache"].value == f"{__name__}:MislabelledFetcher"
 
 
 def test_unknown_kind_lists_the_installed_ones() -> None:
