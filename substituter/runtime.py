@@ -18,7 +18,6 @@ from syndicate.actor import Turn
 from .broker import Broker
 from .config import Config, FetcherConfig
 from .dataspace.barrier import barrier
-from .dataspace.connect import connect
 from .dataspace.dataspace import Dataspace
 from .errors import ConfigError, PluginError
 from .fetcher_host import FetcherHost
@@ -158,6 +157,8 @@ class Runtime:
             def refused(reason: str) -> None:
                 if not attached.done():
                     attached.set_exception(ConfigError(f"dataspace {address} refused dataspace.cap: {reason}"))
+
+            from .dataspace.connect import connect  # only here: a one-off fetch rarely attaches
 
             def connect_remote() -> None:
                 @connect(address, cap, on_refused=refused)
