@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import stat
 import threading
 from collections import OrderedDict
@@ -85,6 +86,9 @@ class LocalMirrorFetcher(Fetcher):
         super().__init__(name, options, context, priority)
         self.root = options.path.expanduser().absolute()
         self._real_root: str | None = None  # realpath of root + "/", resolved once
+        #: With a root that has no "." or ".." parts, a plain relative URL needs no normalising.
+        self._plain_prefix = (str(self.root).rstrip("/") + "/"
+                              if os.path.normpath(self.root) == str(self.root) else None)
         #: Locates asked in this event-loop step, answered together by worker calls.
         self._asked: list[tuple[str, asyncio.Future[Answer]]] = []
         #: file:// URI of an offered NAR -> its bytes, read with the narinfo, until opened.
@@ -142,9 +146,9 @@ class LocalMirrorFetcher(Fetcher):
     def _locate(self, hash_part: str, real_root: str | None = None) -> Answer:
         """The whole lookup in one worker call (reading, parsing, checking the NAR is there,
         and reading it when small)."""
-        narinfo_file = self.root / f"{hash_part}.narinfo"
+        narinfo_file = f"{self.root}/{hash_part}.narinfo"
         try:
-            data = narinfo_file.read_bytes()
+            data = _read_file(narinfo_file)
         except FileNotFoundError:
             return Unavailable(f"not in {self.root}")
         except OSError as exc:
@@ -177,34 +181,23 @@ class LocalMirrorFetcher(Fetcher):
 
     def _read_small(self, nar: Path, uri: str, real_root: str | None, size_hint: int) -> bool:
         """Whether ``nar`` is a file; a small one really under the mirror is read ahead."""
-        if real_root is None or size_hint > READ_AHEAD or not os.path.realpath(nar).startswith(real_root):
+        if real_root is None or size_hint > READ_AHEAD:
             return nar.is_file()
-        try:
-            fd = os.open(nar, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError:
-            return False
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return False
-            if st.st_size > READ_AHEAD:
-                return True
-            data = os.read(fd, st.st_size + 1)
-        except OSError:
-            return True  # a read error is reported when the NAR is opened
-        finally:
-            os.close(fd)
-        if len(data) == st.st_size:
-            with self._read_ahead_lock:
-                old = self._read_ahead.pop(uri, None)
-                self._read_ahead_bytes += len(data) - (0 if old is None else len(old))
-                self._read_ahead[uri] = data
-                while self._read_ahead_bytes > READ_AHEAD_TOTAL:
-                    self._read_ahead_bytes -= len(self._read_ahead.popitem(last=False)[1])
+        data = _read_regular_under(nar, real_root, READ_AHEAD)
+        if isinstance(data, bool):
+            return data
+        with self._read_ahead_lock:
+            old = self._read_ahead.pop(uri, None)
+            self._read_ahead_bytes += len(data) - (0 if old is None else len(old))
+            self._read_ahead[uri] = data
+            while self._read_ahead_bytes > READ_AHEAD_TOTAL:
+                self._read_ahead_bytes -= len(self._read_ahead.popitem(last=False)[1])
         return True
 
     def _nar_path(self, url: str) -> Path | None:
         """``url`` resolved inside the mirror, or None when it would point elsewhere."""
+        if self._plain_prefix and _PLAIN_URL.fullmatch(url) and ".." not in url.split("/"):
+            return Path(self._plain_prefix + url)  # what the general case below gives, sooner
         if urlsplit(url).scheme or url.startswith("/"):
             return None
         candidate = Path(os.path.normpath(self.root / unquote(url)))
@@ -266,6 +259,92 @@ def _settle(batch: list[tuple[str, asyncio.Future[Answer]]], done: asyncio.Futur
             answer.set_result(answers[i])
         else:
             answer.set_exception(exc)  # type: ignore[arg-type]
+
+
+def _read_file(path: str) -> bytes:
+    """A small file's bytes (a third of the time of ``Path.read_bytes``, which builds a
+    buffered file object for it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, 65536)
+        if data:
+            while more := os.read(fd, 65536):
+                data += more
+        return data
+    finally:
+        os.close(fd)
+
+
+#: A relative URL naming a file under the mirror as it is (no scheme, no escapes, no empty
+#: or "." parts): e.g. ``nar/<hash>.nar.zst``.
+_PLAIN_URL = re.compile(r"[^/%:?#]+(?:/[^/%:?#]+)*")
+#: Where the kernel tells which file a descriptor refers to, and reopens it (Linux).
+_PROC_FD = "/proc/self/fd/"
+_O_PATH: int | None = getattr(os, "O_PATH", None)
+_by_fd = _O_PATH is not None and os.path.isdir(_PROC_FD)
+
+
+def _read_regular_under(path: Path, real_root: str, limit: int) -> bytes | bool:
+    """``path``'s bytes when it is a regular file of at most ``limit`` bytes really under
+    ``real_root``; else whether it is a regular file at all.  Where Linux allows, the file is
+    first reached with O_PATH, which opens nothing (no device or FIFO outside the mirror is ever
+    opened), and asked where it really is and what it is; only a regular file under the
+    mirror is then opened, through that descriptor (no window between check and open).  That
+    is 13 µs a file here, against 23 µs for ``realpath`` (an lstat per path component)."""
+    global _by_fd
+    if not _by_fd:
+        return _read_regular_under_by_name(path, real_root, limit)
+    assert _O_PATH is not None
+    try:
+        fd = os.open(path, _O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        if st.st_size > limit:
+            return True
+        proc = f"{_PROC_FD}{fd}"
+        try:
+            where = os.readlink(proc)
+        except OSError:  # /proc is not what it seemed: by name from now on
+            _by_fd = False
+            return _read_regular_under_by_name(path, real_root, limit)
+        if not where.startswith(real_root):
+            return True  # not read ahead: opening it refuses it
+        opened = os.open(proc, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            data = os.read(opened, st.st_size + 1)
+        finally:
+            os.close(opened)
+    except OSError:
+        return True  # a read error is reported when the NAR is opened
+    finally:
+        os.close(fd)
+    return data if len(data) == st.st_size else True
+
+
+def _read_regular_under_by_name(path: Path, real_root: str, limit: int) -> bytes | bool:
+    """:func:`_read_regular_under` without O_PATH and /proc: ``realpath`` first."""
+    if not os.path.realpath(path).startswith(real_root):
+        return path.is_file()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        if st.st_size > limit:
+            return True
+        data = os.read(fd, st.st_size + 1)
+    except OSError:
+        return True  # a read error is reported when the NAR is opened
+    finally:
+        os.close(fd)
+    return data if len(data) == st.st_size else True
 
 
 def _open_and_read(path: Path, offset: int, real_root: str) -> tuple[int | None, bytes]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from fetchers import local_mirror
 from fetchers.local_mirror import (
     LOCATE_BATCH,
     READ_AHEAD,
@@ -104,6 +105,43 @@ async def test_open_refuses_files_outside_the_mirror(
     for uri in (outside.as_uri(), (cache.root / ".." / "secret").as_uri()):
         with pytest.raises(NotAvailable, match="not inside"):
             [c async for c in fetcher.open(Offer(info=offer.info, uri=uri))]
+
+
+@pytest.mark.parametrize("by_fd", [True, False], ids=["o_path", "realpath"])
+async def test_read_ahead_only_of_regular_files_really_inside(
+    by_fd: bool, tmp_path: Path, started: Callable[..., Any], cache: BuiltCache,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A small NAR is read along with its narinfo only when it is a regular file under the
+    mirror: a symlink out of it is offered (it is a file) but neither read ahead nor opened,
+    and a FIFO is not offered (nor opened: no locate waits on it)."""
+    if not by_fd:
+        monkeypatch.setattr(local_mirror, "_by_fd", False)  # as where there is no O_PATH or /proc
+    nar_file = cache.nar_file(cache.top)
+    nar = nar_file.read_bytes()
+    assert len(nar) <= READ_AHEAD
+    outside = tmp_path / "outside.nar"
+    outside.write_bytes(nar)
+    nar_file.unlink()
+    nar_file.symlink_to(outside)
+    fetcher = await started(cache.root)
+    offer = await locate_offer(fetcher, cache.top)
+    assert not fetcher._read_ahead
+    with pytest.raises(NotAvailable, match="not inside"):
+        await read_all(fetcher, offer)
+    # a symlink that stays inside the mirror is followed, and read ahead
+    inside = cache.root / "nar" / "elsewhere.nar"
+    inside.write_bytes(nar)
+    nar_file.unlink()
+    nar_file.symlink_to(inside)
+    offer = await locate_offer(fetcher, cache.top)
+    assert list(fetcher._read_ahead.values()) == [nar]
+    inside.unlink()  # served from what was read ahead
+    assert await read_all(fetcher, offer) == nar
+    nar_file.unlink()
+    os.mkfifo(nar_file)
+    answer = await asyncio.wait_for(fetcher.locate(cache.hash_part(cache.top)), 10)
+    assert isinstance(answer, Unavailable) and "missing" in answer.reason
 
 
 async def test_missing_path_and_garbage_hash(
