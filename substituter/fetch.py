@@ -96,7 +96,7 @@ def resolved_info(res: Resolution) -> NarInfo:
 def to_path_info(info: NarInfo) -> PathInfo:
     return PathInfo(
         store_path=info.store_path,
-        nar_hash=str(info.nar_hash),
+        nar_hash=info.nar_hash_text(),  # str(info.nar_hash), encoded once (the broker did)
         nar_size=info.nar_size,
         references=frozenset(info.reference_paths()),
         deriver=f"{info.store_dir}/{info.deriver}" if info.deriver else None,
@@ -341,7 +341,7 @@ class _Fetch:
         nars = self.runtime.nars
         async with self._limit:
             if (info.nar_size <= IN_MEMORY_NAR and self._held + info.nar_size <= MEMORY_BUDGET
-                    and not nars.cached(info.nar_hash.nix32())):
+                    and not nars.cached(info.nar_hash_text().partition(":")[2])):
                 self._held += info.nar_size
                 try:
                     data: bytes = await nars.verified_bytes(res)
@@ -370,17 +370,22 @@ class _Fetch:
             self.failures[info.store_path] = str(exc)
             raise
         self.progress.path_done(info.store_path, "imported")
-        self._realised(info.store_path)
 
-    def _realised(self, path: str) -> None:
-        """Tell the dataspace (and whoever watches it) that the path is now in this store."""
+    def _realised(self, paths: list[str]) -> None:
+        """Tell the dataspace (and whoever watches it) that the paths are now in this store:
+        once the store said so, all in one turn."""
         from syndicate import turn
 
         from . import turns
 
         store = getattr(self.store, "root", None) or getattr(self.store, "socket_path", None) or "store"
-        record = self._record(self._realised_label, (path, store))  # preserve(Realised(…))
-        turns.external(self.runtime.facet, lambda: turn.publish(self.runtime.ds, record))
+        records = [self._record(self._realised_label, (path, store)) for path in paths]  # preserve(Realised(…))
+
+        def publish() -> None:
+            for record in records:
+                turn.publish(self.runtime.ds, record)
+
+        turns.external(self.runtime.facet, publish)
 
     # -- importing ------------------------------------------------------------------------
 
@@ -399,6 +404,7 @@ class _Fetch:
                 await store.add_multiple_to_store(
                     ((to_path_info(resolved_info(r)), self._verified(r)) for r in resolutions),
                     dont_check_sigs=private)
+                self._realised([resolved_info(r).store_path for r in resolutions])
             elif self.resolved:
                 return
             else:

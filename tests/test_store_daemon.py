@@ -16,7 +16,7 @@ import pytest
 
 from substituter.errors import HashError, ProtocolError, SizeMismatch, StoreError, StorePathError
 from substituter.store import wire
-from substituter.store.base import PathInfo, guarded_nar, nar_hash_digest
+from substituter.store.base import PathInfo, check_store_path, guarded_nar, nar_hash_digest
 from substituter.store.daemon_client import (
     DEFAULT_SOCKET,
     WORKER_MAGIC_1,
@@ -311,6 +311,19 @@ async def test_malformed_paths_never_reach_the_daemon(tmp_path: Path) -> None:
                 replace(info_for(b"x"), references=frozenset({"/tmp/x"})),
                 chunks_then([b"x"], None),
             )
+
+
+def test_store_paths_checked_again_give_the_same_verdict() -> None:
+    # Well-formed paths are remembered (per store dir): a fetch checks each one several times.
+    good = "/nix/store/" + "a" * 32 + "-x"
+    for _ in range(2):
+        assert check_store_path(good) == good
+        assert check_store_path(good.replace("/nix/store", "/other"), "/other")
+        with pytest.raises(StorePathError, match="not a valid store path in /other"):
+            check_store_path(good, "/other")
+        for bad in ("/nix/store/" + "e" * 32 + "-x", "/nix/store/" + "a" * 32 + "-.x", good + "/sub"):
+            with pytest.raises(StorePathError):
+                check_store_path(bad)
 
 
 # ----------------------------------------------------------------- real private daemons
