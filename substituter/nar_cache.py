@@ -9,6 +9,7 @@ from file mtimes at start, refreshed by touching mtime on use), since atime is u
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import re
@@ -35,6 +36,11 @@ READ_CHUNK = 256 * 1024
 SMALL_READ = 1024 * 1024
 #: Seconds between refreshes of an entry's mtime (its recency across restarts).
 TOUCH_INTERVAL = 60.0
+#: Seconds between checks that an entry's file is still there (a stat per lookup was several
+#: syscalls per path served: Nix asks for a narinfo several times, then for its NAR).
+EXISTS_INTERVAL = 1.0
+#: Flags of a new entry's temp file (created here, never an existing one).
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 #: Files of entries up to this size are also kept in memory (recently used, SMALL_MEMORY in all),
 #: so that serving them reads no disk and needs no worker thread.
 SMALL_ENTRY = 64 * 1024
@@ -66,8 +72,11 @@ class NarCache:
         self._entries: OrderedDict[str, CachedNar] = OrderedDict()  # least recently used first
         self._total = 0
         self._touched: dict[str, float] = {}
+        self._seen: dict[str, float] = {}  # when each entry's file was last known to exist
         self._small: OrderedDict[str, bytes] = OrderedDict()  # file bytes of small entries, LRU
         self._small_bytes = 0
+        self._pid = os.getpid()
+        self._serial = itertools.count()
         self._scan()
 
     def _scan(self) -> None:
@@ -121,13 +130,15 @@ class NarCache:
             entry = self._entries.get(nar_hash)
             if entry is None:
                 return None
-            if not entry.path.exists():  # removed behind our back
-                self._forget(nar_hash)
-                return None
+            now = time.monotonic()
+            if now - self._seen.get(nar_hash, -EXISTS_INTERVAL) >= EXISTS_INTERVAL:
+                if not entry.path.exists():  # removed behind our back
+                    self._forget(nar_hash)
+                    return None
+                self._seen[nar_hash] = now
             self._entries.move_to_end(nar_hash)
             # The in-memory order is the LRU; mtime only seeds it at the next start, so it is
             # refreshed at most once a minute per entry (not a syscall per request).
-            now = time.monotonic()
             touch = now - self._touched.get(nar_hash, -TOUCH_INTERVAL) >= TOUCH_INTERVAL
             if touch:
                 self._touched[nar_hash] = now
@@ -178,37 +189,72 @@ class NarCache:
     def put_many(self, items: list[tuple[str, int, bytes, bool]]) -> list[Exception | None]:
         """Cache verified NARs held in memory, each ``(nar_hash, nar_size, data, is_zstd)``
         (``data`` the NAR, or with ``is_zstd`` a source's zstd file of it), in the calling thread:
-        all written and made durable first, then all published, so their fsyncs share journal
-        commits.  Returns each item's error (None when it was cached)."""
-        writers: list[_EntryWriter | None] = []
+        all written and made durable first, then all published.  Returns each item's error (None
+        when it was cached).
+
+        Each entry costs five syscalls (open, write, fsync, close, rename), and its file bytes
+        are kept in memory as they were written: this runs in a worker beside the event loop,
+        and every syscall hands the GIL back and forth between the two."""
+        staged: list[tuple[int, str, int, bytes, str]] = []
         errors: list[Exception | None] = []
-        for nar_hash, nar_size, data, is_zstd in items:
-            writer: _EntryWriter | None = None
+        for i, (nar_hash, nar_size, data, is_zstd) in enumerate(items):
+            tmp = None
             try:
-                if is_zstd:
-                    raw = writer = self.raw_writer(nar_hash, nar_size)
-                    raw.write(data)
-                else:
-                    plain = writer = self.writer(nar_hash, nar_size)
-                    plain.write(data)
+                _check_nar_hash(nar_hash)
+                if not is_zstd:
+                    if len(data) != nar_size:
+                        raise SizeMismatch(f"cache got {len(data)} bytes, NarSize is {nar_size}")
+                    frame = ZstdFrame(nar_size, self.level)
+                    data = frame.compress(data) + frame.finish()
+                tmp = self._tmp_name(nar_hash)
+                self._write_file(tmp, data)
+                staged.append((i, nar_hash, nar_size, data, tmp))
                 errors.append(None)
             except Exception as exc:
-                if writer is not None:
-                    writer.abort()
-                writer = None
+                if tmp is not None:
+                    _unlink(tmp)
                 errors.append(exc)
-            writers.append(writer)
-        for step in (_EntryWriter.prepare, _EntryWriter.publish, _EntryWriter.keep_in_memory):
-            for i, writer in enumerate(writers):
-                if writer is None:
-                    continue
-                try:
-                    step(writer)
-                except Exception as exc:
-                    writer.abort()
-                    writers[i] = None
-                    errors[i] = exc
+        for i, nar_hash, nar_size, data, tmp in staged:
+            try:
+                entry = self._publish(tmp, nar_hash, nar_size, len(data))
+            except Exception as exc:
+                _unlink(tmp)
+                errors[i] = exc
+                continue
+            if entry is not None:
+                self.keep_small(entry, data)
         return errors
+
+    def _tmp_name(self, nar_hash: str) -> str:
+        return f"{self.directory}/.tmp-{nar_hash}-{self._pid}-{next(self._serial)}"
+
+    def _write_file(self, path: str, data: bytes) -> None:
+        """A new file holding ``data``, durable when the cache is (not yet visible)."""
+        fd = os.open(path, _CREATE, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if self.durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _publish(self, tmp: str, nar_hash: str, nar_size: int, file_size: int) -> CachedNar | None:
+        """A finished, durable temp file becomes the entry (atomic rename); None when it is
+        not kept (cached meanwhile, or larger than the whole cache)."""
+        if nar_hash in self._entries:
+            _unlink(tmp)  # someone else cached it first
+            return None
+        if file_size > self.max_size:
+            log.info("NAR %s (%d bytes compressed) is larger than the cache; not kept", nar_hash, file_size)
+            _unlink(tmp)
+            return None
+        final = self._final_path(nar_hash, nar_size)
+        os.replace(tmp, final)
+        entry = CachedNar(nar_hash, nar_size, file_size, final)
+        self._add(entry)
+        return entry
 
     @staticmethod
     def _read_entry(entry: CachedNar) -> bytes:
@@ -244,10 +290,14 @@ class NarCache:
                 return
             self._entries[entry.nar_hash] = entry
             self._total += entry.file_size
+            now = time.monotonic()
+            self._touched[entry.nar_hash] = now  # a new file: its mtime is now
+            self._seen[entry.nar_hash] = now
         self.evict()
 
     def _forget(self, nar_hash: str) -> None:
         self._touched.pop(nar_hash, None)
+        self._seen.pop(nar_hash, None)
         small = self._small.pop(nar_hash, None)
         if small is not None:
             self._small_bytes -= len(small)
@@ -291,7 +341,7 @@ class _EntryWriter:
         self.cache = cache
         self.nar_hash = nar_hash
         self.nar_size = nar_size
-        self._tmp = cache.directory / f".tmp-{nar_hash}-{os.getpid()}-{id(self):x}"
+        self._tmp = Path(cache._tmp_name(nar_hash))
         self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit/abort
         self._done = False
         self._prepared = False
@@ -331,31 +381,10 @@ class _EntryWriter:
         if not self._prepared:
             return
         self._prepared = False
-        final = self.cache._final_path(self.nar_hash, self.nar_size)
-        if self.nar_hash in self.cache._entries:
-            self._tmp.unlink(missing_ok=True)  # someone else cached it first
-            return
-        file_size = os.stat(self._tmp).st_size
-        if file_size > self.cache.max_size:
-            log.info("NAR %s (%d bytes compressed) is larger than the cache; not kept", self.nar_hash, file_size)
-            self._tmp.unlink(missing_ok=True)
-            return
-        os.replace(self._tmp, final)
-        self.cache._add(CachedNar(self.nar_hash, self.nar_size, file_size, final))
+        self.cache._publish(str(self._tmp), self.nar_hash, self.nar_size, os.stat(self._tmp).st_size)
 
     def _check_complete(self) -> None:
         pass
-
-    def keep_in_memory(self) -> None:
-        """After :meth:`publish`: hold the file in memory too when it is small."""
-        entry = self.cache._entries.get(self.nar_hash)
-        if entry is None or entry.file_size > SMALL_ENTRY:
-            return
-        try:
-            data = entry.path.read_bytes()
-        except OSError:
-            return  # evicted meanwhile
-        self.cache.keep_small(entry, data)
 
     def _tail(self) -> bytes:
         return b""
@@ -462,3 +491,10 @@ class RawCacheWriter(_EntryWriter):
         finally:
             self.abort()
         return writer
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -112,3 +112,20 @@ async def test_small_entries_are_also_held_in_memory_until_evicted(tmp_path: Pat
     cache.put_raw(H2, len(other), zstandard.ZstdCompressor().compress(other))  # evicts H1
     assert cache.get(H1) is None and cache.small_file(H1) is None
     assert cache.small_file(H2) is not None
+
+
+async def test_an_entry_removed_behind_our_back_is_noticed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import substituter.nar_cache as nar_cache
+
+    cache = NarCache(tmp_path / "c", 1 << 30)
+    data = os.urandom(1000)
+    cache.put(H1, len(data), data)
+    entry = cache.get(H1)
+    assert entry is not None and entry.path.name.startswith(H1)
+    assert [p.name for p in (tmp_path / "c").iterdir()] == [entry.path.name]  # no temp file left
+    entry.path.unlink()
+    # Looked for at most once a second per entry (not a stat per lookup)...
+    assert cache.get(H1) is entry
+    monkeypatch.setattr(nar_cache, "EXISTS_INTERVAL", 0.0)
+    # ... and then it is gone, from memory too.
+    assert cache.get(H1) is None and H1 not in cache and cache.small_file(H1) is None
