@@ -29,6 +29,7 @@ __all__ = [
     "RetryPolicy",
     "RequestAuth",
     "CONNECT_ERRORS",
+    "check_status",
     "is_transient_status",
     "is_missing_status",
     "retry_after_seconds",
@@ -212,7 +213,8 @@ def _check_range(url: str, status: int, headers: Mapping[str, str], offset: int)
     return 0
 
 
-def _check_status(url: str, status: int, reason: str | None, offset: int) -> None:
+def check_status(url: str, status: int, reason: str | None, offset: int) -> None:
+    """Raise what a file's answer with ``status`` means, unless it is its bytes (200, 206)."""
     if status == 416:
         raise FetchError(f"{url}: offset {offset} is beyond the end of the file (HTTP 416)")
     if status not in (200, 206):
@@ -254,7 +256,7 @@ async def _stream_aiohttp(
         raise translate_client_error(exc, url) from exc
     complete = False
     try:
-        _check_status(url, response.status, response.reason, offset)
+        check_status(url, response.status, response.reason, offset)
         skip = _check_range(url, response.status, response.headers, offset) if offset > 0 else 0
         read = response.content.read
         while True:

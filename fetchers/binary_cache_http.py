@@ -26,12 +26,16 @@ from urllib.parse import urlsplit
 
 from substituter.errors import TransientFetchError
 
-__all__ = ["PlainAnswer", "SmallGets", "parse_answer"]
+__all__ = ["ConnectionLost", "PlainAnswer", "SmallGets", "parse_answer"]
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([2-5][0-9][0-9])[^\r\n]*\r\n")
 _HEAD_END = b"\r\n\r\n"
 #: A head longer than this is not a narinfo answer of the plain kind.
 MAX_HEAD = 16 * 1024
+
+
+class ConnectionLost(TransientFetchError):
+    """The connection closed before the answer was complete (not a stall)."""
 
 
 class PlainAnswer:
@@ -191,8 +195,8 @@ class SmallGets:
                     return None
                 if reused:
                     continue
-                raise TransientFetchError(f"{url}: ServerDisconnectedError: the connection closed "
-                                          "before a complete answer")
+                raise ConnectionLost(f"{url}: ServerDisconnectedError: the connection closed "
+                                     "before a complete answer")
             if answer.reusable:
                 self._release(conn)
             else:
@@ -219,7 +223,8 @@ class SmallGets:
         except asyncio.CancelledError:
             if stalled:
                 raise TransientFetchError(
-                    f"{url}: TimeoutError: no answer within {self.stall_timeout:g} s") from None
+                    f"{url}: TimeoutError: no complete answer within {self.stall_timeout:g} s "
+                    "(stalled)") from None
             raise
         finally:
             timer.cancel()

@@ -240,6 +240,7 @@ async def test_oversized_narinfo_is_refused(
 
 
 # --- open: errors at the boundary -----------------------------------------------------------------
+# (An offer of unknown size streams through aiohttp; one of a known small size is one plain GET.)
 
 
 async def test_stall_mid_body_is_transient(
@@ -249,7 +250,7 @@ async def test_stall_mid_body_is_transient(
     server.stall(after=10)
     received = bytearray()
     with pytest.raises(TransientFetchError, match="stalled"):
-        async for chunk in fetcher.open(an_offer(f"{server.url}/nar/hello.nar")):
+        async for chunk in fetcher.open(an_offer(f"{server.url}/nar/hello.nar", None)):
             received += chunk
     assert bytes(received) == NAR[:10]
 
@@ -260,7 +261,7 @@ async def test_no_response_at_all_is_transient(
     fetcher = await make(stall_timeout=0.2)  # type: ignore[misc]
     server.hang_next(match="nar/*")
     with pytest.raises(TransientFetchError, match="no response"):
-        await read_all(fetcher, an_offer(f"{server.url}/nar/hello.nar"))
+        await read_all(fetcher, an_offer(f"{server.url}/nar/hello.nar", None))
 
 
 async def test_reset_mid_body_is_translated(
@@ -269,7 +270,7 @@ async def test_reset_mid_body_is_translated(
     server.cut_after(10)
     received = bytearray()
     with pytest.raises(TransientFetchError) as info:
-        async for chunk in fetcher.open(an_offer(f"{server.url}/nar/hello.nar")):
+        async for chunk in fetcher.open(an_offer(f"{server.url}/nar/hello.nar", None)):
             received += chunk
     assert isinstance(info.value.__cause__, aiohttp.ClientPayloadError)
     assert f"{server.url}/nar/hello.nar" in str(info.value)
@@ -281,9 +282,33 @@ async def test_reset_before_the_response_on_open_is_transient(
 ) -> None:
     server.reset_next(2, match="nar/*")  # 2: aiohttp retries once on a reused connection
     with pytest.raises(TransientFetchError) as info:
-        await read_all(fetcher, an_offer(f"{server.url}/nar/hello.nar"))
+        await read_all(fetcher, an_offer(f"{server.url}/nar/hello.nar", None))
     assert isinstance(info.value.__cause__, aiohttp.ClientConnectionError)
 
+
+
+async def test_small_file_is_handed_on_whole_or_not_at_all(
+    make: Callable[..., object], server: CacheServer
+) -> None:
+    fetcher = await make(stall_timeout=0.2)  # type: ignore[misc]
+    offer = an_offer(f"{server.url}/nar/hello.nar")
+    server.cut_after(10)  # the plain GET loses its connection: aiohttp starts over, once
+    assert await read_all(fetcher, offer) == NAR
+    assert [r.path for r in server.requests[-2:]] == ["nar/hello.nar"] * 2
+    server.cut_after(10, times=2)
+    received = bytearray()
+    with pytest.raises(TransientFetchError):
+        async for chunk in fetcher.open(offer):
+            received += chunk
+    assert received == NAR[:10]  # only aiohttp's attempt handed bytes on
+    release = server.stall(after=10)
+    try:
+        with pytest.raises(TransientFetchError, match="stalled"):
+            async for _chunk in fetcher.open(offer):
+                raise AssertionError("bytes of an incomplete answer were handed on")
+    finally:
+        release.set()
+    assert await read_all(fetcher, offer) == NAR
 
 @pytest.mark.parametrize(
     ("status", "error"),
