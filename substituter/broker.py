@@ -34,6 +34,7 @@ from . import turns
 from .dataspace.dataspace import Dataspace
 from .errors import ProtocolError
 from .fetcher_host import local_offer
+from .nar_service import nar_hash32
 from .nix.narinfo import NarInfo
 from .plugin import Fetcher, Offer
 from .protocol import Available, Failed, Intent, record_pattern
@@ -113,7 +114,7 @@ class Resolution:
     def for_nar(self, nar_hash: str) -> Resolution:
         """Only the candidates offering the NAR with this NarHash (nix32): another build of an
         input-addressed path is a different NAR, and its bytes must never be mixed in."""
-        same = [c for c in self.candidates if c.offer.info.nar_hash.nix32() == nar_hash]
+        same = [c for c in self.candidates if nar_hash32(c.offer.info) == nar_hash]
         return Resolution(self.hash_part, same, self.reason if same else f"no trusted offer of NAR {nar_hash}")
 
 
@@ -594,14 +595,19 @@ class Broker:
     def events(self, res: Resolution) -> TransferEvents:
         """Callbacks asserting ``<transfer …>`` while bytes flow and ``<failed …>`` on failure."""
         state: dict[str, Any] = {"handle": None, "last": 0.0, "fetcher": None, "start": time.monotonic(),
-                                 "bytes": 0}
+                                 "bytes": 0, "asserted": False}
         total = res.info.nar_size if res.info is not None else 0
 
         def progress(fetcher: str, done: int, _total: int) -> None:
             now = time.monotonic()
             state["bytes"] = done
+            if done == total and not state["asserted"]:
+                # All of it in one step (a small NAR): never in flight for anyone to watch, and
+                # asserting it only to retract it would cost two turns.
+                state["fetcher"] = fetcher
+                return
             if fetcher != state["fetcher"] or now - state["last"] >= PROGRESS_INTERVAL or done == total:
-                state["fetcher"], state["last"] = fetcher, now
+                state["fetcher"], state["last"], state["asserted"] = fetcher, now, True
                 record = _transfer(res.hash_part, fetcher, done, total)
                 self._external(lambda: state.__setitem__("handle", turn.replace(self.ds, state["handle"], record)))
 
@@ -621,7 +627,8 @@ class Broker:
             if state["fetcher"] is not None:
                 self.stats.record(state["fetcher"], state["bytes"], time.monotonic() - state["start"])
                 self.metrics.fetcher_bytes.labels(state["fetcher"]).inc(state["bytes"])
-            self._external(lambda: turn.retract(state["handle"]))
+            if state["asserted"]:
+                self._external(lambda: turn.retract(state["handle"]))
 
         verdict = res.verdict
         return TransferEvents(progress=progress, failed=failed, done=done,

@@ -16,11 +16,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from .nar_cache import CachedNar, CacheWriter, NarCache, RawCacheWriter
+from .nix.narinfo import NarInfo
 from .nix.zstd_frames import ZstdRelay
 from .transfer import THREAD_THRESHOLD, Source, TransferEvents, TransferFailed, prefetched, verified_nar
 
 if TYPE_CHECKING:
     from .broker import Resolution
+
+
+def nar_hash32(info: NarInfo) -> str:
+    """The NarHash's nix32 digits, encoded once per narinfo (~10 µs an encoding)."""
+    return info.nar_hash_text().partition(":")[2]
 
 __all__ = ["NarService", "DEFAULT_SPOOL_LIMIT"]
 
@@ -81,7 +87,7 @@ class NarService:
         info = res.info
         if self.cache is None or info is None or info.nar_size > self.prefetch_limit:
             return
-        nar_hash = info.nar_hash.nix32()
+        nar_hash = nar_hash32(info)
         if nar_hash in self._spooling or nar_hash in self.cache:
             return
         spool = self._start_spool(res, nar_hash)
@@ -119,7 +125,7 @@ class NarService:
         assert res.info is not None
         if self.cache is None:
             return None
-        nar_hash = res.info.nar_hash.nix32()
+        nar_hash = nar_hash32(res.info)
         if self.cache.get(nar_hash) is None and res.info.nar_size <= self.spool_limit:
             await self._spool_once(res, nar_hash)
         writing = self._writing.get(nar_hash)
@@ -142,7 +148,7 @@ class NarService:
     async def stream(self, res: Resolution, offset: int = 0) -> AsyncIterator[bytes]:
         """Yield the verified NAR from ``offset``; raises TransferFailed when it cannot."""
         assert res.info is not None
-        nar_hash = res.info.nar_hash.nix32()
+        nar_hash = nar_hash32(res.info)
         if self.cache is not None:
             if self.cache.get(nar_hash) is None and res.info.nar_size <= self.spool_limit:
                 data = await self._spool_once(res, nar_hash)
@@ -314,7 +320,7 @@ class NarService:
                            zstd: bool) -> AsyncIterator[bytes]:
         assert res.info is not None
         fill = (
-            _CacheFill(self.cache, res.info.nar_hash.nix32(), res.info.nar_size)
+            _CacheFill(self.cache, nar_hash32(res.info), res.info.nar_size)
             if self.cache is not None
             else None
         )

@@ -345,3 +345,40 @@ def test_offers_are_judged_beside_the_event_loop(tmp_path: Path) -> None:
         assert len(threads) == 2 and threading.main_thread().name not in threads
 
     run_with_broker([FunctionFetcher("f", locate, serve_bytes(b""))], scenario)
+
+
+def test_a_transfer_is_asserted_while_in_flight_only(tmp_path: Path) -> None:
+    """<transfer …> shows NARs in flight; one delivered in a single step never is (asserting it
+    only to retract it would cost two turns per small NAR)."""
+    from syndicate import patterns as P
+    from syndicate.dataspace import during
+
+    info = make_info(make_nar(tmp_path, 1000))
+    size = info.nar_size
+    seen: list[tuple[str, int]] = []
+    present: set[str] = set()
+
+    async def scenario(broker: Broker, root: Any) -> None:
+        def watch() -> None:
+            @during(broker.ds, P.rec("transfer", P._, P.CAPTURE, P.CAPTURE, P._))
+            def transfer(fetcher: Any, done: Any) -> Any:
+                seen.append((fetcher, done))
+                present.add(fetcher)
+                return lambda: present.discard(fetcher)
+
+        turn.external(root, watch)
+        res = await broker.resolve(H)
+        one_step = broker.events(res)
+        one_step.progress("small", size, size)
+        one_step.done()
+        streamed = broker.events(res)
+        streamed.progress("large", 400, size)
+        await asyncio.sleep(0.2)
+        assert present == {"large"}
+        streamed.progress("large", size, size)
+        streamed.done()
+        await asyncio.sleep(0.2)
+        assert present == set()
+        assert seen == [("large", 400), ("large", size)]
+
+    run_with_broker([offering("one", info)], scenario)
