@@ -1,7 +1,7 @@
 """`substituter fetch` next to `nix copy --from file://` for the same closure.
 
     .venv/bin/python bench/fetch_bench.py [--paths 200] [--compression zstd] [--runs 3]
-        [--no-chroot] [--no-daemon] [--keep DIR]
+        [--no-chroot] [--no-daemon] [--keep DIR] [--against CHECKOUT]
 
 A closure of --paths small paths (`builtins.toFile` texts with real references, as in
 daemon_bench.py) is signed and published with `nix copy --to file://DIR?compression=…`. Then, each
@@ -11,6 +11,10 @@ into a fresh store, median of --runs:
            against `nix copy --from file://DIR --to DIR`
   daemon:  the same into a fresh private nix-daemon (untrusted client, the cache's key trusted):
            `substituter fetch --store unix://SOCK` against `nix copy --to unix://SOCK`
+
+With --against CHECKOUT (another checkout of this project, e.g. a `git worktree` of an older
+commit), that checkout's `substituter fetch` runs in the same rounds too, the order of the two
+alternating from round to round: an A/B comparison on a shared, noisy machine.
 
 Every run gets a fresh state dir (empty NAR cache), XDG_CACHE_HOME and store; the result is
 checked with `nix-store --check-validity`.  The checkout's modules are byte-compiled first, as an
@@ -53,10 +57,10 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def timed(args: list[str], env: dict[str, str]) -> Timing:
+def timed(args: list[str], env: dict[str, str], cwd: Path | None = None) -> Timing:
     cpu = _children_cpu()
     start = time.perf_counter()
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+    proc = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:4])} … failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -77,12 +81,27 @@ def fetch_config(nix: NixRunner, pub: Published) -> Path:
     return config
 
 
-def ours(nix: NixRunner, pub: Published, store: str) -> Timing:
-    config = fetch_config(nix, pub)
-    args = [sys.executable, "-m", "substituter", "fetch", "--config", str(config), "--store", store, pub.top]
-    timing = timed(args, nix.fresh_env())
-    remove_tree(config.parent)
-    return timing
+def ours_in(checkout: Path) -> Copier:
+    """`substituter fetch` of ``checkout``: run from there, `python -m` imports its modules."""
+    def copier(nix: NixRunner, pub: Published, store: str) -> Timing:
+        config = fetch_config(nix, pub)
+        args = [sys.executable, "-m", "substituter", "fetch", "--config", str(config), "--store", store, pub.top]
+        timing = timed(args, nix.fresh_env(), cwd=checkout)
+        remove_tree(config.parent)
+        return timing
+    return copier
+
+
+ours = ours_in(REPO)
+
+
+def check_checkout(checkout: Path) -> None:
+    """``checkout``'s own modules are the ones its runs import (not this checkout's)."""
+    code = "import substituter, fetchers.local_mirror as m; print(substituter.__file__); print(m.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=checkout, capture_output=True, text=True,
+                         check=True).stdout.split()
+    if not all(Path(f).resolve().is_relative_to(checkout.resolve()) for f in out):
+        raise SystemExit(f"--against {checkout}: its runs would import {out}, not its own modules")
 
 
 def nix_copy(nix: NixRunner, pub: Published, store: str) -> Timing:
@@ -124,10 +143,17 @@ def startup_seconds(nix: NixRunner) -> tuple[float, float, float]:
             best(["-c", f"import os, {', '.join(FETCH_MODULES)}; os._exit(0)"]))
 
 
-def byte_compile() -> None:
+def print_row(label: str, ours_runs: list[Timing], nix_runs: list[Timing]) -> None:
+    a, b = statistics.median(t.wall for t in ours_runs), statistics.median(t.wall for t in nix_runs)
+    ca, cb = statistics.median(t.cpu for t in ours_runs), statistics.median(t.cpu for t in nix_runs)
+    print(f"{label:<26} {a:>7.2f} {b:>7.2f} {a / b:>6.2f}  {ca:>8.2f} {cb:>8.2f}   "
+          f"{' '.join(f'{t.wall:.2f}' for t in ours_runs)} / {' '.join(f'{t.wall:.2f}' for t in nix_runs)}")
+
+
+def byte_compile(checkout: Path = REPO) -> None:
     """Write the bytecode an installed package would have (compileall writes it even when
     PYTHONDONTWRITEBYTECODE is set; Python still reads it)."""
-    dirs = [str(REPO / name) for name in ("substituter", "fetchers", "plugins") if (REPO / name).is_dir()]
+    dirs = [str(checkout / name) for name in ("substituter", "fetchers", "plugins") if (checkout / name).is_dir()]
     subprocess.run([sys.executable, "-m", "compileall", "-q", *dirs], check=True, capture_output=True)
 
 
@@ -139,11 +165,18 @@ def main() -> None:
     parser.add_argument("--no-chroot", action="store_true", help="skip the chroot-store part")
     parser.add_argument("--no-daemon", action="store_true", help="skip the nix-daemon part")
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
+    parser.add_argument("--against", type=Path, metavar="CHECKOUT",
+                        help="also run this other checkout's fetch, interleaved (A/B)")
     opts = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally` blocks
 
     byte_compile()
+    other: Copier | None = None
+    if opts.against is not None:
+        check_checkout(opts.against)
+        byte_compile(opts.against)
+        other = ours_in(opts.against)
     work = opts.keep or Path(tempfile.mkdtemp(prefix="fetch-bench-"))
     work.mkdir(exist_ok=True)
     nix = NixRunner(work)
@@ -165,15 +198,23 @@ def main() -> None:
                 continue
             ours_runs: list[Timing] = []
             nix_runs: list[Timing] = []
-            for _ in range(opts.runs):
+            other_runs: list[Timing] = []
+            for i in range(opts.runs):
                 nix_runs.append(into(nix, pub, nix_copy))
-                ours_runs.append(into(nix, pub, ours))
-            a, b = statistics.median(t.wall for t in ours_runs), statistics.median(t.wall for t in nix_runs)
-            ca, cb = statistics.median(t.cpu for t in ours_runs), statistics.median(t.cpu for t in nix_runs)
-            print(f"{label:<26} {a:>7.2f} {b:>7.2f} {a / b:>6.2f}  {ca:>8.2f} {cb:>8.2f}   "
-                  f"{' '.join(f'{t.wall:.2f}' for t in ours_runs)} / {' '.join(f'{t.wall:.2f}' for t in nix_runs)}")
+                if other is None:
+                    ours_runs.append(into(nix, pub, ours))
+                elif i % 2 == 0:  # each first in every other round
+                    ours_runs.append(into(nix, pub, ours))
+                    other_runs.append(into(nix, pub, other))
+                else:
+                    other_runs.append(into(nix, pub, other))
+                    ours_runs.append(into(nix, pub, ours))
+            print_row(label, ours_runs, nix_runs)
+            if other is not None:
+                print_row(f"  --against {opts.against.name}"[:26], other_runs, nix_runs)
         print("ratio = substituter fetch time / nix copy time (target <= 1.2); cpu = user + system "
-              "seconds of the command and its children (for unix://, not the shared daemon's)")
+              "seconds of the command and its children (for unix://, not the shared daemon's); "
+              "medians")
     finally:
         fx.delete_built()
         if opts.keep is None:
