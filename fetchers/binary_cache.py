@@ -422,8 +422,8 @@ class BinaryCacheFetcher(Fetcher):
 
     async def open(self, offer: Offer, offset: int = 0) -> AsyncIterator[bytes]:
         """Stream the offered file from ``offset``; works for any http(s) URI, not only ours."""
-        scheme = urlsplit(offer.uri).scheme
-        if scheme not in self.schemes:
+        # Our own cache's files (nearly all offers) are http(s) by construction: no urlsplit.
+        if not offer.uri.startswith(self.base_url) and urlsplit(offer.uri).scheme not in self.schemes:
             raise FetchError(f"{self.name}: cannot open {offer.uri!r}: not an http(s) URI")
         if offer.file_size is not None and offset >= offer.file_size:
             if offset > offer.file_size:
