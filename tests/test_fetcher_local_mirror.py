@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from fetchers import local_mirror
 from fetchers.local_mirror import (
     LOCATE_BATCH,
     READ_AHEAD,
@@ -107,16 +106,12 @@ async def test_open_refuses_files_outside_the_mirror(
             [c async for c in fetcher.open(Offer(info=offer.info, uri=uri))]
 
 
-@pytest.mark.parametrize("by_fd", [True, False], ids=["o_path", "realpath"])
 async def test_read_ahead_only_of_regular_files_really_inside(
-    by_fd: bool, tmp_path: Path, started: Callable[..., Any], cache: BuiltCache,
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, started: Callable[..., Any], cache: BuiltCache,
 ) -> None:
     """A small NAR is read along with its narinfo only when it is a regular file under the
     mirror: a symlink out of it is offered (it is a file) but neither read ahead nor opened,
     and a FIFO is not offered (nor opened: no locate waits on it)."""
-    if not by_fd:
-        monkeypatch.setattr(local_mirror, "_by_fd", False)  # as where there is no O_PATH or /proc
     nar_file = cache.nar_file(cache.top)
     nar = nar_file.read_bytes()
     assert len(nar) <= READ_AHEAD
