@@ -377,12 +377,8 @@ async def _send_cached_file(request: web.Request, daemon: Daemon, cached: Cached
     except FileNotFoundError:
         return _not_found(f"{hash_part}: NAR left the cache")
     with file:
-        ranged = _ranged_response(request, cached.file_size, {**headers, "Accept-Ranges": "bytes"})
-        if isinstance(ranged, web.Response):
-            return ranged
-        response, offset = ranged
-        if request.method == "HEAD":
-            await response.prepare(request)
+        response, offset = await _ranged_response(request, cached.file_size, {**headers, "Accept-Ranges": "bytes"})
+        if offset is None:
             return response
         try:
             await send_file_body(request, response, file, offset, cached.file_size - offset)
@@ -391,22 +387,26 @@ async def _send_cached_file(request: web.Request, daemon: Daemon, cached: Cached
     return response
 
 
-def _ranged_response(request: web.Request, size: int, headers: dict[str, str]
-                     ) -> tuple[web.StreamResponse, int] | web.Response:
-    """The response for ``size`` bytes and the offset it starts from, where the request's Range
-    header says (only open-ended ranges are served: what resuming clients send); or the 416 answer
-    to a range that is not one.  Content-Length is set; the caller sends the body."""
+async def _ranged_response(request: web.Request, size: int, headers: dict[str, str]
+                           ) -> tuple[web.StreamResponse, int | None]:
+    """The response for ``size`` bytes and the offset its body starts from, where the request's
+    Range header says (only open-ended ranges are served: what resuming clients send), with
+    Content-Length set, for the caller to send the body.  The offset is None when the answer is
+    complete already: the 416 to a range that is not one, or the headers of a HEAD."""
     offset = 0
     status = 200
     if (rng := request.headers.get("Range")) is not None:
         rm = _RANGE.fullmatch(rng.strip())
         if rm is None or int(rm.group(1)) >= size or (rm.group(2) and int(rm.group(2)) < size - 1):
-            return web.Response(status=416, headers={"Content-Range": f"bytes */{size}", **NO_STORE})
+            return web.Response(status=416, headers={"Content-Range": f"bytes */{size}", **NO_STORE}), None
         offset = int(rm.group(1))
         status = 206
         headers = {**headers, "Content-Range": f"bytes {offset}-{size - 1}/{size}"}
     response = web.StreamResponse(status=status, headers=headers)
     response.content_length = size - offset
+    if request.method == "HEAD":
+        await response.prepare(request)
+        return response, None
     return response, offset
 
 
@@ -414,12 +414,8 @@ async def _nar_raw(request: web.Request, daemon: Daemon, nar_hash: str, hash_par
                    cached: CachedNar | None, res: Resolution | None) -> web.StreamResponse:
     size = cached.nar_size if cached is not None else res.info.nar_size  # type: ignore[union-attr]
     headers = {"Content-Type": "application/x-nix-nar", "Accept-Ranges": "bytes", "Cache-Control": IMMUTABLE}
-    ranged = _ranged_response(request, size, headers)
-    if isinstance(ranged, web.Response):
-        return ranged
-    response, offset = ranged
-    if request.method == "HEAD":
-        await response.prepare(request)
+    response, offset = await _ranged_response(request, size, headers)
+    if offset is None:
         return response
     if cached is not None:
         stream = daemon.nars.cache.open(nar_hash, offset)  # type: ignore[union-attr]

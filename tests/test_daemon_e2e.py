@@ -177,6 +177,23 @@ def test_cached_nars_are_served_without_upstreams(nix: Nix, nix_keys, tmp_path: 
         assert again.status_code == 200 and again.content == first.content
         tail = httpx.get(f"{daemon.url}/{url}", headers={"Range": "bytes=100-"})
         assert tail.status_code == 206 and tail.content == first.content[100:]
+        assert tail.headers["Content-Range"] == f"bytes 100-{len(first.content) - 1}/{len(first.content)}"
+        head = httpx.head(f"{daemon.url}/{url}")
+        assert head.status_code == 200 and head.headers["Content-Length"] == str(len(first.content))
+        # The same NAR as the cached zstd file (sendfile): whole, resumed, HEAD.
+        assert url.endswith(".nar")
+        zst = httpx.get(f"{daemon.url}/{url}.zst")
+        assert zst.status_code == 200 and zst.headers["Content-Type"] == "application/zstd"
+        assert zstandard.ZstdDecompressor().decompressobj(read_across_frames=True).decompress(zst.content) == first.content
+        for target, body in ((url, first.content), (f"{url}.zst", zst.content)):
+            resumed = httpx.get(f"{daemon.url}/{target}", headers={"Range": "bytes=7-"})
+            assert resumed.status_code == 206 and resumed.content == body[7:], target
+            assert resumed.headers["Content-Range"] == f"bytes 7-{len(body) - 1}/{len(body)}"
+            assert httpx.head(f"{daemon.url}/{target}").headers["Content-Length"] == str(len(body))
+            for unserved in ("bytes=5-9", f"bytes={len(body)}-", "bytes=-10", "lines=1-"):
+                refused = httpx.get(f"{daemon.url}/{target}", headers={"Range": unserved})
+                assert refused.status_code == 416, (target, unserved)
+                assert refused.headers["Content-Range"] == f"bytes */{len(body)}"
         # A NarHash nobody vouches for is not served, cached or not.
         wrong = url.replace(url[4:8], "0000")
         assert httpx.get(f"{daemon.url}/{wrong}").status_code == 404
