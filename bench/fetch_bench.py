@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from daemon_bench import REPO, Fixtures, NixRunner, Published, remove_tree
+from daemon_bench import REPO, Fixtures, NixRunner, Published, remove_tree, settle
 
 from tests.nixdaemon import private_daemon
 
@@ -58,6 +58,7 @@ def _children_cpu() -> float:
 
 
 def timed(args: list[str], env: dict[str, str], cwd: Path | None = None) -> Timing:
+    settle()
     cpu = _children_cpu()
     start = time.perf_counter()
     proc = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, check=False)
