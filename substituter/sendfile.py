@@ -108,9 +108,12 @@ async def _flushed(writer: object, transport: asyncio.BaseTransport) -> None:
         send_headers()  # aiohttp holds the headers back to send them with the first body piece
     # uvloop's transports implement WriteTransport without deriving from it.
     pending = cast(asyncio.WriteTransport, transport).get_write_buffer_size
+    give_up = time.monotonic() + STALL_TIMEOUT
     while pending() > 0:
         if transport.is_closing():
             raise ConnectionResetError("connection closed before the body was sent")
+        if time.monotonic() > give_up:
+            raise TimeoutError(f"client took no bytes for {STALL_TIMEOUT:.0f} s")
         await asyncio.sleep(0.001)
 
 

@@ -199,3 +199,27 @@ def test_a_client_that_stops_reading_is_given_up_after_the_stall_timeout(
     on_loop("uvloop", test)
     assert sendfile._POOL.busy == 0
 
+
+
+
+class _StuckTransport:
+    """A transport whose queued bytes (the headers) never leave."""
+
+    def get_write_buffer_size(self) -> int:
+        return 300
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_headers_that_never_leave_the_transport_are_given_up_after_the_stall_timeout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that took nothing of an earlier response leaves the next one's headers in the
+    transport: the wait for them ends too (before any sendfile thread is taken)."""
+    monkeypatch.setattr(sendfile, "STALL_TIMEOUT", 0.3)
+
+    async def test() -> None:
+        with pytest.raises(TimeoutError, match="took no bytes"):
+            await asyncio.wait_for(sendfile._flushed(object(), _StuckTransport()), 5)  # type: ignore[arg-type]
+
+    on_loop("uvloop", test)
