@@ -142,6 +142,42 @@ def test_with_every_sendfile_thread_busy_the_body_goes_the_ordinary_way(
     assert not sendfile_calls
 
 
+def test_more_clients_than_sendfile_threads_all_get_their_bytes(
+        payload: Path, monkeypatch: pytest.MonkeyPatch, sendfile_calls: list[int]) -> None:
+    """Beyond SENDFILE_THREADS at once, bodies go the ordinary way; every one is exact."""
+    monkeypatch.setattr(sendfile, "SENDFILE_THREADS", 2)
+    expected = payload.read_bytes()
+    peak = {"busy": 0}
+    real_take = sendfile._POOL.take
+
+    def take() -> Any:
+        executor = real_take()
+        peak["busy"] = max(peak["busy"], sendfile._POOL.busy)
+        return executor
+
+    monkeypatch.setattr(sendfile._POOL, "take", take)
+    written: list[int] = []
+    real_write = sendfile._write_pieces
+
+    async def write_pieces(response: web.StreamResponse, file: Any, offset: int, count: int) -> None:
+        written.append(offset)
+        await real_write(response, file, offset, count)
+
+    monkeypatch.setattr(sendfile, "_write_pieces", write_pieces)
+
+    async def test() -> None:
+        async with Server(payload) as server:
+            offsets = [i * 1000 for i in range(6)]
+            bodies = await asyncio.gather(*(fetch(server.port, f"/{o}", pause=0.2) for o in offsets))
+            for offset, (_, body) in zip(offsets, bodies, strict=True):
+                assert body == expected[offset:]
+            assert server.finished == 6 and not server.errors
+
+    on_loop("uvloop", test)
+    assert peak["busy"] == 2 and sendfile_calls and written  # some by sendfile, the others written
+    assert sendfile._POOL.busy == 0
+
+
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_a_file_shorter_than_promised_cuts_the_connection(payload: Path, loop: str) -> None:
     async def test() -> None:
